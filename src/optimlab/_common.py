@@ -1,0 +1,293 @@
+"""What every optimlab optimizer shares, defined once.
+
+* **Argument checks** that name the argument and its valid range (`check_range`, `check_choice`).
+* **The weight-decay vocabulary.**  "Weight decay" means three different things in the
+  literature and in the libraries people migrate from.  Every optimizer that decays weights
+  takes ``weight_decay`` (lambda) and ``wd_mode``, one of:
+
+  ==============  ==========================================  =====================================
+  ``wd_mode``     update, with eta_t = the group's current lr  where it comes from
+  ==============  ==========================================  =====================================
+  ``l2``          g <- g + lambda * theta  (before the moments)  torch's ``weight_decay`` in SGD,
+                                                               Adagrad, RMSprop, Adam
+  ``decoupled``   theta <- theta - eta_t * lambda * theta      torch.optim.AdamW: the decay is
+                                                               coupled to the lr you pick
+  ``independent`` theta <- theta - (eta_t / eta_0) * lambda *   Loshchilov & Hutter's intent,
+                  theta                                        Composer's DecoupledAdamW/SGDW
+  ==============  ==========================================  =====================================
+
+  eta_0 is the group's ``initial_lr``: its lr when the optimizer was built, stored in the group
+  as torch's lr schedulers do (they keep an existing ``initial_lr``).  With ``independent``
+  decay a schedule multiplier scales the decay but the peak lr does not, so lambda is usually
+  ~1e-5 where ``decoupled`` uses ~1e-2.  When eta_0 is 0 the multiplier is taken as 1 (Composer).
+
+  Decoupled and independent decay shrink theta_{t-1}, *before* the gradient step (paper,
+  torch, Composer), unless ``wd_after_update=True``, which shrinks the already-updated weights
+  (the CS224N AdamW): theta <- (1 - eta_t * lambda) * (theta - step).
+
+* **Epsilon placement** for the Adam family (``eps_placement``):
+  ``"sqrt_v_hat"`` divides by sqrt(v_t / (1 - beta2^t)) + eps (PyTorch, the paper's Algorithm 1);
+  ``"sqrt_v"`` divides by sqrt(v_t) + eps and folds the bias correction into the step size,
+  lr * sqrt(1 - beta2^t) / (1 - beta1^t) (Kingma & Ba's "efficient version", TensorFlow's
+  epsilon-hat).  They differ by a factor sqrt(1 - beta2^t) on eps, large in early steps.
+
+* **The optimizer shell** (`Optimizer`): gathers the parameters that have gradients, enforces
+  the non-finite-gradient policy, keeps ``initial_lr`` in each group, and loads state dicts
+  with a documented dtype/device policy.  Subclasses supply `_init_state` and `_update_param`
+  (or a faster `_update_group`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any, Callable
+
+import torch
+
+WD_MODES = ("l2", "decoupled", "independent")
+EPS_PLACEMENTS = ("sqrt_v_hat", "sqrt_v")
+NONFINITE_POLICIES = ("skip", "raise", "ignore")
+
+
+# --------------------------------------------------------------------------- argument checks
+def _interval(name: str, low, high, low_open: bool, high_open: bool) -> str:
+    parts = []
+    if low is not None:
+        parts.append(f"{low} {'<' if low_open else '<='} ")
+    parts.append(name)
+    if high is not None:
+        parts.append(f" {'<' if high_open else '<='} {high}")
+    return "".join(parts)
+
+
+def check_range(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Return ``value`` as a float if it lies in the interval, else raise a ValueError that
+    names the argument and the interval (NaN is never valid)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        else:
+            raise ValueError(f"Invalid {name}: {value!r}; expected a number with "
+                             f"{_interval(name, low, high, low_open, high_open)}")
+    ok = not math.isnan(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        raise ValueError(f"Invalid {name}: {value!r}; expected "
+                         f"{_interval(name, low, high, low_open, high_open)}")
+    return float(value)
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
+    if value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"Invalid {name}: {value!r}; expected one of {allowed}")
+    return value
+
+
+def check_betas(betas: Any, name: str = "betas") -> tuple[float, float]:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid {name}: {betas!r}; expected a pair (beta1, beta2)")
+    return (check_range(f"{name}[0]", betas[0], 0.0, 1.0, high_open=True),
+            check_range(f"{name}[1]", betas[1], 0.0, 1.0, high_open=True))
+
+
+def check_weight_decay(weight_decay: Any, wd_mode: Any,
+                       modes: Sequence[str] = WD_MODES) -> tuple[float, str]:
+    return check_range("weight_decay", weight_decay, 0.0), check_choice("wd_mode", wd_mode, modes)
+
+
+# --------------------------------------------------------------------------- weight decay
+def decay_multiplier(group: dict) -> float:
+    """The factor f in theta <- theta - f * lambda * theta for decoupled/independent decay."""
+    if group["wd_mode"] == "independent":
+        initial_lr = group["initial_lr"]
+        return group["lr"] / initial_lr if initial_lr else 1.0
+    return group["lr"]
+
+
+def grad_with_decay(p: torch.Tensor, grad: torch.Tensor, group: dict) -> torch.Tensor:
+    """The part of the update that comes before the optimizer's own math: maximize flips the
+    gradient; ``l2`` adds lambda*theta to it; ``decoupled``/``independent`` (unless
+    ``wd_after_update``) shrink theta_{t-1} in place.  Never writes into ``p.grad``."""
+    if group.get("maximize", False):
+        grad = -grad
+    wd = group["weight_decay"]
+    if wd != 0:
+        if group["wd_mode"] == "l2":
+            grad = grad.add(p, alpha=wd)
+        elif not group.get("wd_after_update", False):
+            p.mul_(1 - decay_multiplier(group) * wd)
+    return grad
+
+
+def decay_after_update(p: torch.Tensor, group: dict) -> None:
+    """Decoupled/independent decay of the updated weights, for ``wd_after_update=True``:
+    theta <- theta - f * lambda * theta, written as the CS224N reference writes it."""
+    wd = group["weight_decay"]
+    if wd != 0 and group["wd_mode"] != "l2" and group.get("wd_after_update", False):
+        p.add_(p, alpha=-decay_multiplier(group) * wd)
+
+
+# --------------------------------------------------------------------------- helpers
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """True when no tensor holds inf or NaN: one max-abs reduction per device, one sync."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t)
+    for ts in by_device.values():
+        norms = torch._foreach_norm(ts, float("inf"))
+        if not bool(torch.stack([n.float() for n in norms]).isfinite().all()):
+            return False
+    return True
+
+
+def _shape(t: Any) -> tuple | None:
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else None
+
+
+# --------------------------------------------------------------------------- the shell
+class Optimizer(torch.optim.Optimizer):
+    """Base of every optimlab optimizer.
+
+    ``step(closure=None)`` evaluates the closure (with grad enabled) and returns its loss,
+    skips parameters whose ``grad`` is None, rejects sparse and complex gradients, applies the
+    non-finite policy, then updates each parameter group.
+
+    Non-finite gradients (``nonfinite=``):
+      * ``"skip"`` (default): if any gradient holds inf or NaN, the whole step is skipped:
+        no parameter, moment or step counter changes; a RuntimeWarning is issued and
+        ``optimizer.skipped_steps`` counts it.  This is what torch.amp.GradScaler does for
+        scaled steps, applied to every step, so one bad batch cannot poison the moments.
+      * ``"raise"``: raise FloatingPointError, again before anything changes.
+      * ``"ignore"``: no check (torch.optim's behaviour; saves one read of the gradients).
+
+    ``load_state_dict`` policy: state tensors keep the dtype they were saved with (fp32
+    moments of bf16 parameters stay fp32; bf16 moments stay bf16) and move to their
+    parameter's device; torch.optim instead casts them to the parameter's dtype.  A
+    ``step`` saved as a tensor (torch.optim's format) becomes an int, so torch.optim state
+    dicts of the same algorithm load directly.  A state dict whose parameter layout differs
+    from this optimizer's (group sizes, tensor shapes, state keys) raises ValueError.
+    """
+
+    def __init__(self, params, defaults: dict, *, nonfinite: str = "skip"):
+        self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        self.skipped_steps = 0
+        super().__init__(params, defaults)
+
+    # groups remember the lr they started with, as torch's schedulers do
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group.setdefault("initial_lr", group["lr"])
+        self._check_group(group)
+
+    def _check_group(self, group: dict) -> None:
+        """Validate a group's hyper-parameters (groups may override the defaults)."""
+
+    # --- the template -------------------------------------------------------------------
+    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+        raise NotImplementedError
+
+    def _update_param(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
+        raise NotImplementedError
+
+    def _update_group(self, group: dict, params: list[torch.Tensor]) -> None:
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state.update(self._init_state(p, group))
+            self._update_param(p, p.grad, state, group)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """Perform one optimization step; returns the closure's loss (or None)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        grads = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; "
+                                       "use torch.optim.SparseAdam or dense gradients")
+                if torch.is_complex(p):
+                    raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
+            work.append((group, params))
+            grads.extend(p.grad for p in params)
+        if self.nonfinite != "ignore" and grads and not all_finite(grads):
+            msg = f"{type(self).__name__}: a gradient holds inf or NaN"
+            if self.nonfinite == "raise":
+                raise FloatingPointError(msg + " (nonfinite='raise')")
+            self.skipped_steps += 1
+            warnings.warn(msg + "; the step was skipped (nonfinite='skip')", RuntimeWarning,
+                          stacklevel=2)
+            return loss
+        for group, params in work:
+            if params:
+                self._update_group(group, params)
+        return loss
+
+    # --- state dict -----------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved_groups)} parameter groups but this "
+                             f"optimizer has {len(self.param_groups)}")
+        pairs = []
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"state_dict group {gi} has {len(saved['params'])} parameters "
+                                 f"but this optimizer's group {gi} has {len(group['params'])}")
+            pairs.extend((pid, p, group, gi) for pid, p in zip(saved["params"], group["params"]))
+        saved_state = state_dict["state"]
+        for pid, p, group, gi in pairs:
+            if pid not in saved_state:
+                continue
+            expected = self._init_state(p, group)
+            got = saved_state[pid]
+            if set(got) != set(expected):
+                raise ValueError(
+                    f"state_dict does not match this optimizer: parameter {pid} (group {gi}, "
+                    f"shape {tuple(p.shape)}) has state keys {sorted(got)}, expected "
+                    f"{sorted(expected)}")
+            for key, value in expected.items():
+                if key == "step":   # an int here, a 0-dim tensor in torch.optim's format
+                    continue
+                if _shape(value) != _shape(got[key]):
+                    raise ValueError(
+                        f"state_dict does not match this optimizer: parameter {pid} (group "
+                        f"{gi}) has shape {tuple(p.shape)}, so {key!r} should have shape "
+                        f"{_shape(value)}, but the saved one has {_shape(got[key])}")
+        defaults = dict(self.defaults)   # torch's load adds keys of its own to self.defaults
+        super().load_state_dict(state_dict)
+        # undo torch's cast of state tensors to the parameter dtype: keep the saved dtype
+        for pid, p, group, gi in pairs:
+            if pid not in saved_state:
+                continue
+            state = self.state[p]
+            for key, value in saved_state[pid].items():
+                if key == "step":
+                    state[key] = int(value.item()) if isinstance(value, torch.Tensor) else int(value)
+                elif isinstance(value, torch.Tensor):
+                    state[key] = value.detach().to(device=p.device, copy=True)
+        # a state dict from torch.optim lacks optimlab's options: they take their defaults
+        for group in self.param_groups:
+            for key, value in defaults.items():
+                group.setdefault(key, value)
+            group.setdefault("initial_lr", group["lr"])

@@ -1,0 +1,393 @@
+r"""Adafactor (Shazeer & Stern, 2018): adaptive learning rates with sublinear memory cost.
+
+The paper's algorithm
+---------------------
+For a weight matrix X in R^{n x m} (Algorithm 4), at step t = 1, 2, ... with gradient G_t:
+
+    alpha_t = max(eps2, RMS(X_{t-1})) * rho_t                         (relative step size)
+    R_t = beta2_t * R_{t-1} + (1 - beta2_t) * (G_t^2 + eps1 1_n 1_m^T) 1_m      (row sums)
+    C_t = beta2_t * C_{t-1} + (1 - beta2_t) * 1_n^T (G_t^2 + eps1 1_n 1_m^T)    (column sums)
+    V^_t = R_t C_t / (1_n^T R_t)                                  (factored second moment)
+    U_t = G_t / sqrt(V^_t)
+    U^_t = U_t / max(1, RMS(U_t) / d)                                     (update clipping)
+    X_t = X_{t-1} - alpha_t * U^_t
+
+and for a vector x in R^n (Algorithm 5) the second moment is kept whole:
+
+    V^_t = beta2_t * V^_{t-1} + (1 - beta2_t) * (G_t^2 + eps1 1_n),   U_t = G_t / sqrt(V^_t)
+
+with RMS(Y) = sqrt(mean(Y^2)), the increasing decay beta2_t = 1 - t^c (c = -0.8, so
+beta2_1 = 0 and no bias correction is needed), the relative step rho_t = min(1e-2, 1/sqrt(t))
+(min(1e-6 t, 1/sqrt(t)) with warm-up), eps1 = 1e-30, eps2 = 1e-3, d = 1.  R and C are kept as
+means rather than sums here (mean = sum / m, resp. / n): V^_t is the same, the numbers are
+smaller.  Tensors with more than two dimensions are factored over their last two; the leading
+dimensions are batch dimensions (one R, C pair per leading index).  Memory for an n x m
+matrix: n + m second-moment numbers instead of n * m.
+
+Every option, in those symbols
+------------------------------
+``relative_step`` / ``warmup_init`` / ``lr`` (eta, the group's lr, never overwritten):
+
+    rho_t = min(eta, 1/sqrt(t))                 relative_step=True
+    rho_t = min(1e-6 t, eta, 1/sqrt(t))         relative_step=True, warmup_init=True
+    rho_t = eta                                 relative_step=False
+
+  With eta = 1e-2 the first two are the paper's (and transformers') formulas exactly: the
+  warm-up ramp 1e-6 t meets 1/sqrt(t) at t = 1e4 where both equal 1e-2, so the cap never
+  binds.  torch.optim always uses the first form with its lr.
+
+``scale_parameter``: alpha_t = max(eps2, RMS(theta_{t-1})) * rho_t if True, else
+  alpha_t = rho_t.  RMS is read before any weight decay of this step.
+
+``eps=(eps1, eps2)`` and ``eps1_placement``:
+
+  * ``"grad_sq"`` (paper, fairseq, transformers): eps1 is added to G_t^2 before the averages
+    above, V^ = R C / mean(R), U = G / sqrt(V^).
+  * ``"clamp"`` (torch.optim): the averages are of G_t^2 alone, and
+    V^ = R C / max(mean(R), eps1),  U = G / max(sqrt(V^), eps1)  (a clamp of V^ at eps1^2).
+
+  eps1 = None means the machine epsilon of the dtype of the group's first parameter that
+  has a gradient (torch.optim's rule, group-wide).
+
+``clip_threshold`` d > 0 (``inf`` disables clipping).  torch.optim requires d >= 1 and
+  transformers checks nothing; any d > 0 is a well-defined clip (d < 1 clips harder), so
+  optimlab accepts d > 0 and `optimlab.compat.torch.Adafactor` keeps torch's d >= 1.
+``decay_rate`` c <= 0 (c = 0 gives beta2_t = 0: no averaging; c > 0 would make beta2_t < 0).
+
+``beta1`` (None: no first moment, no state) and ``momentum_of``:
+
+  * ``"scaled_update"`` (Tensor2Tensor, fairseq, transformers): the average is of the
+    step itself, m_t = beta1 m_{t-1} + (1 - beta1) alpha_t U^_t,  X_t = X_{t-1} - m_t.
+  * ``"update"``: m_t = beta1 m_{t-1} + (1 - beta1) U^_t,  X_t = X_{t-1} - alpha_t m_t.
+
+  The two agree while alpha_t is constant.
+
+``weight_decay`` (lambda), ``wd_mode`` and ``decay_scale`` (see `optimlab._common`):
+
+  * ``l2``: G_t <- G_t + lambda X_{t-1} before the second moment.
+  * ``decoupled``: X <- X - f lambda X with f = eta (``decay_scale="lr"``, torch.optim) or
+    f = alpha_t (``decay_scale="alpha"``, transformers: the step actually taken).
+  * ``independent``: f = eta / eta_0.
+  The decay shrinks X_{t-1} (after RMS(X_{t-1}) was read, before X_{t-1} - step), or the
+  updated weights with ``wd_after_update=True``.
+
+``maximize``: G_t <- -G_t.  ``upcast``: see low precision below.
+
+Variants as option values
+-------------------------
+==========================  ==================  ===================  ======================
+option                      paper (Alg. 4/5)    transformers         torch.optim
+==========================  ==================  ===================  ======================
+lr (eta)                    1e-2 (cap of rho)   1e-2 if relative_    lr (default 1e-2)
+                                                step, else its lr
+relative_step               True                relative_step        True
+warmup_init                 False (or True)     warmup_init          False
+scale_parameter             True                scale_parameter      True
+eps                         (1e-30, 1e-3)       eps                  (None, 1e-3)
+eps1_placement              "grad_sq"           "grad_sq"            "clamp"
+clip_threshold              1.0                 clip_threshold       d (>= 1)
+decay_rate                  -0.8                decay_rate           beta2_decay
+beta1                       None                beta1                None
+momentum_of                 (no momentum)       "scaled_update"      (no momentum)
+weight_decay / wd_mode      (none)              decoupled            decoupled
+decay_scale                 (none)              "alpha"              "lr"
+upcast                      (n/a)               True                 False
+==========================  ==================  ===================  ======================
+
+`optimlab.compat.hf.Adafactor` and `optimlab.compat.torch.Adafactor` take those libraries'
+own arguments and build the matching configuration.
+
+Low precision
+-------------
+With ``upcast=True`` (default, transformers' choice) a bf16/fp16 parameter is updated in
+fp32: its state is fp32, the gradient and the parameter are read as fp32 and the result is
+rounded back once per step.  ``upcast=False`` computes and keeps state in the parameter's
+dtype (torch.optim's choice).  fp32/fp64 parameters are computed in their own dtype.  The
+update is computed in the dtype of the parameter's state, so state loaded from a state dict
+keeps deciding it (fp32 state saved from an fp32 model keeps a bf16 copy training in fp32).
+eps1 = None resolves from the parameter's dtype (bf16's epsilon is 2^-7), as in torch.optim.
+
+Departures
+----------
+* The group's ``lr`` is never overwritten or required to be None: it is eta above, the cap
+  of rho_t (transformers keeps lr=None in the group and computes the step internally).
+* ``eps1_placement``, ``momentum_of``, ``decay_scale`` and ``upcast`` select between the
+  published variants rather than one of them; weight decay is not in the paper.
+* The arithmetic follows the reference whose eps1 placement is chosen, so each reference is
+  reproduced bit for bit (measured in the parity tests, float32 and float64): with ``"grad_sq"`` the averages are written v*beta2 + (1-beta2)*x
+  and 1/sqrt(V^) as rsqrt(R/mean R) rsqrt(C) (fairseq/transformers); with ``"clamp"`` they
+  are lerps with weight t^c and V^ is the outer product R C (torch.optim).
+* Non-finite gradients follow ``nonfinite`` (`optimlab._common.Optimizer`).
+
+Example
+-------
+>>> opt = optimlab.Adafactor(model.parameters())            # the paper's configuration
+>>> opt = optimlab.Adafactor(model.parameters(), lr=1e-3, relative_step=False,
+...                          scale_parameter=False, beta1=0.9)   # T5 fine-tuning recipe
+
+References
+----------
+N. Shazeer, M. Stern. Adafactor: Adaptive Learning Rates with Sublinear Memory Cost. ICML
+2018, arXiv:1804.04235 (Algorithms 4 and 5, section 9 for the proposed hyper-parameters).
+fairseq/transformers ``Adafactor``; ``torch.optim.Adafactor``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._common import (Optimizer, check_choice, check_range, check_weight_decay,
+                      decay_multiplier)
+
+__all__ = ["Adafactor", "adafactor_update", "EPS1_PLACEMENTS", "MOMENTUM_OF", "DECAY_SCALES"]
+
+EPS1_PLACEMENTS = ("grad_sq", "clamp")
+MOMENTUM_OF = ("scaled_update", "update")
+DECAY_SCALES = ("lr", "alpha")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def relative_step_size(step: int, lr: float, relative_step: bool, warmup_init: bool) -> float:
+    """rho_t (see the module docstring)."""
+    if not relative_step:
+        return lr
+    rho = min(lr, 1.0 / math.sqrt(step))
+    if warmup_init:
+        rho = min(1e-6 * step, rho)
+    return rho
+
+
+def adafactor_update(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor | None,
+                     row: torch.Tensor | None, col: torch.Tensor | None,
+                     v: torch.Tensor | None, *, step: int, rho: float, scale_parameter: bool,
+                     eps1: float, eps2: float, eps1_placement: str, clip_threshold: float,
+                     decay_rate: float, beta1: float | None, momentum_of: str,
+                     weight_decay: float, decay_factor: float | None,
+                     wd_after_update: bool) -> None:
+    """One Adafactor step on one tensor, in place (the reference kernel: readable, per tensor).
+
+    ``g`` already contains any maximize sign and L2 term.  ``row``/``col`` are the factored
+    second moment (shapes ``p.shape[:-1]`` and ``p.shape[:-2] + p.shape[-1:]``) or None,
+    in which case ``v`` (shape of ``p``) is the unfactored one.  ``exp_avg`` is None unless
+    beta1 is set.  Decoupled decay multiplies X by (1 - f * weight_decay) with
+    f = ``decay_factor``, or f = alpha_t when ``decay_factor`` is None; pass
+    ``weight_decay=0`` for none.
+
+    Two arithmetic layouts, chosen by ``eps1_placement`` (same math up to eps1, different
+    rounding): ``"grad_sq"`` is written as fairseq/transformers write it, with RMS(X), alpha_t
+    and the clipping factor as 0-dim tensors; ``"clamp"`` as torch.optim writes it, with
+    python-float step sizes.  The parity tests find each reference reproduced to the last
+    bit."""
+    fairseq = eps1_placement == "grad_sq"
+    n = p.numel()
+
+    # alpha_t = max(eps2, RMS(X_{t-1})) * rho_t, read before this step's decay
+    if not scale_parameter:
+        alpha = rho
+    elif fairseq:       # a 0-dim tensor, or the float eps2 * rho_t where the floor binds
+        alpha = max(eps2, p.norm(2) / (n ** 0.5)) * rho
+    else:
+        alpha = max(eps2, p.norm(2).item() / (n ** 0.5)) * rho
+
+    def shrink() -> None:
+        if weight_decay == 0:
+            return
+        if decay_factor is None:                       # X - alpha_t * lambda * X
+            p.add_(p, alpha=-weight_decay * alpha)
+        else:                                          # X * (1 - f * lambda)
+            p.mul_(1 - decay_factor * weight_decay)
+
+    if not wd_after_update:
+        shrink()
+
+    # U_t = G_t / sqrt(V^_t)
+    if fairseq:
+        beta2 = 1.0 - math.pow(step, decay_rate)
+        sq = g * g + eps1                              # G_t^2 + eps1
+        if row is not None:
+            row.mul_(beta2).add_(sq.mean(dim=-1), alpha=1.0 - beta2)
+            col.mul_(beta2).add_(sq.mean(dim=-2), alpha=1.0 - beta2)
+            r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+            c_factor = col.unsqueeze(-2).rsqrt()
+            u = torch.mul(r_factor, c_factor).mul_(g)
+        else:
+            v.mul_(beta2).add_(sq, alpha=1.0 - beta2)
+            u = v.rsqrt().mul_(g)
+    else:
+        weight = math.pow(step, decay_rate)            # 1 - beta2_t
+        if row is not None:
+            row.lerp_(torch.linalg.vector_norm(g, dim=-1).square_().div_(g.size(-1)), weight)
+            col.lerp_(torch.linalg.vector_norm(g, dim=-2).square_().div_(g.size(-2)), weight)
+            r = row.unsqueeze(-1)
+            var = r @ col.unsqueeze(-2)                # R C (outer product per batch index)
+            var.div_(r.mean(dim=-2, keepdim=True).clamp_(min=eps1))
+        else:
+            v.lerp_(g * g, weight)
+            var = v.clone()
+        u = var.clamp_(min=eps1 * eps1).rsqrt_().mul_(g)
+
+    # update clipping, U^_t = U_t / max(1, RMS(U_t) / d), then the step
+    if fairseq:
+        u.div_((u.norm(2) / (n ** 0.5) / clip_threshold).clamp_(min=1.0))     # U^_t
+        if beta1 is None:
+            p.sub_(u.mul_(alpha))
+        elif momentum_of == "scaled_update":
+            exp_avg.mul_(beta1).add_(u.mul_(alpha), alpha=1.0 - beta1)
+            p.sub_(exp_avg)
+        else:
+            exp_avg.mul_(beta1).add_(u, alpha=1.0 - beta1)
+            p.sub_(exp_avg * alpha)
+    else:
+        clip = max(1.0, u.norm(2).item() / ((n ** 0.5) * clip_threshold))
+        if beta1 is None:
+            p.add_(u, alpha=-alpha / clip)
+        elif momentum_of == "scaled_update":
+            exp_avg.mul_(beta1).add_(u, alpha=(1.0 - beta1) * alpha / clip)
+            p.sub_(exp_avg)
+        else:
+            exp_avg.mul_(beta1).add_(u, alpha=(1.0 - beta1) / clip)
+            p.add_(exp_avg, alpha=-alpha)
+
+    if wd_after_update:
+        shrink()
+
+
+class Adafactor(Optimizer):
+    r"""Adafactor with every published choice named (see the module docstring for the math).
+
+    Args:
+        params: parameters or parameter groups.
+        lr: eta >= 0: the cap of the relative step rho_t (``relative_step=True``) or the step
+            itself; also the decay factor of ``wd_mode="decoupled"`` with
+            ``decay_scale="lr"``.  Never overwritten.
+        eps: (eps1, eps2): eps1 >= 0 or None (machine epsilon, see ``eps1_placement``),
+            eps2 >= 0 the floor of the parameter scale.
+        clip_threshold: d > 0 (``inf`` disables update clipping).
+        decay_rate: c <= 0 in beta2_t = 1 - t^c.
+        beta1: None (no first moment, none stored) or in [0, 1).
+        weight_decay: lambda >= 0.
+        wd_mode: ``"decoupled"`` (default), ``"independent"`` or ``"l2"``.
+        scale_parameter: multiply rho_t by max(eps2, RMS(theta_{t-1})).
+        relative_step: rho_t = min(lr, 1/sqrt(t)) instead of lr.
+        warmup_init: rho_t = min(1e-6 t, lr, 1/sqrt(t)); requires ``relative_step``.
+        eps1_placement: ``"grad_sq"`` (paper, transformers) or ``"clamp"`` (torch.optim).
+        momentum_of: ``"scaled_update"`` (transformers) or ``"update"``.
+        decay_scale: ``"lr"`` (torch.optim) or ``"alpha"`` (transformers); ``"alpha"`` needs
+            ``wd_mode="decoupled"``.
+        wd_after_update: decay the updated weights instead of theta_{t-1}.
+        upcast: update bf16/fp16 parameters in fp32 with fp32 state (default True).
+        maximize: ascend instead of descend.
+        nonfinite: ``"skip"``, ``"raise"`` or ``"ignore"`` (see `optimlab._common.Optimizer`).
+
+    State per parameter: ``step`` (int); ``exp_avg`` (m, only when beta1 is not None);
+    ``exp_avg_sq_row`` (shape[:-1]) and ``exp_avg_sq_col`` (shape[:-2] + shape[-1:]) for
+    tensors with >= 2 dims, else ``exp_avg_sq``: transformers' keys and shapes.
+
+    Example:
+        >>> opt = optimlab.Adafactor(model.parameters(), beta1=0.9, weight_decay=1e-2)
+    """
+
+    def __init__(self, params, lr: float = 1e-2, eps=(1e-30, 1e-3), clip_threshold: float = 1.0,
+                 decay_rate: float = -0.8, beta1: float | None = None,
+                 weight_decay: float = 0.0, *, wd_mode: str = "decoupled",
+                 scale_parameter: bool = True, relative_step: bool = True,
+                 warmup_init: bool = False, eps1_placement: str = "grad_sq",
+                 momentum_of: str = "scaled_update", decay_scale: str = "lr",
+                 wd_after_update: bool = False, upcast: bool = True, maximize: bool = False,
+                 nonfinite: str = "skip"):
+        defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate,
+                        beta1=beta1, weight_decay=weight_decay, wd_mode=wd_mode,
+                        scale_parameter=bool(scale_parameter),
+                        relative_step=bool(relative_step), warmup_init=bool(warmup_init),
+                        eps1_placement=eps1_placement, momentum_of=momentum_of,
+                        decay_scale=decay_scale, wd_after_update=bool(wd_after_update),
+                        upcast=bool(upcast), maximize=bool(maximize))
+        self._check_group(defaults)
+        super().__init__(params, defaults, nonfinite=nonfinite)
+
+    def _check_group(self, group: dict) -> None:
+        group["lr"] = check_range("lr", group["lr"], 0.0)    # a 1-element tensor -> float
+        eps = group["eps"]
+        if not isinstance(eps, (tuple, list)) or len(eps) != 2:
+            raise ValueError(f"Invalid eps: {eps!r}; expected a pair (eps1, eps2) with "
+                             "eps1 None or >= 0 and eps2 >= 0")
+        eps1 = None if eps[0] is None else check_range("eps[0]", eps[0], 0.0)
+        group["eps"] = (eps1, check_range("eps[1]", eps[1], 0.0))
+        check_range("clip_threshold", group["clip_threshold"], 0.0, low_open=True)
+        check_range("decay_rate", group["decay_rate"], high=0.0)
+        if group["beta1"] is not None:
+            group["beta1"] = check_range("beta1", group["beta1"], 0.0, 1.0, high_open=True)
+        _, wd_mode = check_weight_decay(group["weight_decay"], group["wd_mode"])
+        check_choice("eps1_placement", group["eps1_placement"], EPS1_PLACEMENTS)
+        check_choice("momentum_of", group["momentum_of"], MOMENTUM_OF)
+        check_choice("decay_scale", group["decay_scale"], DECAY_SCALES)
+        if group["decay_scale"] == "alpha" and wd_mode != "decoupled":
+            raise ValueError(f"Invalid decay_scale: 'alpha' scales decoupled decay by the "
+                             f"step alpha_t and needs wd_mode='decoupled', got {wd_mode!r}")
+        if group["warmup_init"] and not group["relative_step"]:
+            raise ValueError("Invalid warmup_init: True requires relative_step=True")
+
+    def _state_dtype(self, p: torch.Tensor, group: dict) -> torch.dtype:
+        return torch.float32 if group["upcast"] and p.dtype in _LOW_PRECISION else p.dtype
+
+    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+        dtype = self._state_dtype(p, group)
+        kw = dict(dtype=dtype, device=p.device)
+        shape = tuple(p.shape)
+        state: dict = {"step": 0}
+        if group["beta1"] is not None:
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype,
+                                                memory_format=torch.preserve_format)
+        if len(shape) >= 2:                            # n + m numbers per matrix
+            state["exp_avg_sq_row"] = torch.zeros(shape[:-1], **kw)
+            state["exp_avg_sq_col"] = torch.zeros(shape[:-2] + shape[-1:], **kw)
+        else:
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype,
+                                                   memory_format=torch.preserve_format)
+        return state
+
+    def _update_group(self, group: dict, params: list[torch.Tensor]) -> None:
+        eps1 = group["eps"][0]
+        if eps1 is None:           # torch.optim's rule: the first parameter's dtype, group-wide
+            eps1 = torch.finfo(params[0].dtype).eps
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state.update(self._init_state(p, group))
+            self._update_param(p, p.grad, state, group, eps1=eps1)
+
+    def _update_param(self, p, grad, state, group, *, eps1: float | None = None) -> None:
+        state["step"] += 1
+        step = state["step"]
+        if p.numel() == 0:
+            return
+        if eps1 is None:
+            eps1 = group["eps"][0]
+            if eps1 is None:
+                eps1 = torch.finfo(p.dtype).eps
+        # compute in the state's dtype: fp32 for bf16/fp16 with upcast, or as saved
+        dtype = state["exp_avg_sq_row" if "exp_avg_sq_row" in state else "exp_avg_sq"].dtype
+        work = p if dtype == p.dtype else p.to(dtype)   # e.g. an fp32 copy of a bf16 p
+        g = grad.to(dtype)
+        if group["maximize"]:
+            g = -g
+        wd, decay_factor = group["weight_decay"], None
+        if wd != 0 and group["wd_mode"] == "l2":
+            g = g.add(work, alpha=wd)
+            wd = 0.0
+        elif group["decay_scale"] == "lr":
+            decay_factor = decay_multiplier(group)      # eta, or eta / eta_0 (independent)
+        adafactor_update(
+            work, g, state.get("exp_avg"), state.get("exp_avg_sq_row"),
+            state.get("exp_avg_sq_col"), state.get("exp_avg_sq"), step=step,
+            rho=relative_step_size(step, group["lr"], group["relative_step"],
+                                   group["warmup_init"]),
+            scale_parameter=group["scale_parameter"], eps1=eps1, eps2=group["eps"][1],
+            eps1_placement=group["eps1_placement"], clip_threshold=group["clip_threshold"],
+            decay_rate=group["decay_rate"], beta1=group["beta1"],
+            momentum_of=group["momentum_of"], weight_decay=wd, decay_factor=decay_factor,
+            wd_after_update=group["wd_after_update"])
+        if work is not p:
+            p.copy_(work)

@@ -1,0 +1,89 @@
+"""Shared machinery for the parity tests: run two optimizers in lock-step on the same
+gradient sequence and report how far their parameters and states drift apart."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+# 1-D, 2-D and 3-D parameters, including a 1x1 and a non-square matrix
+SHAPES = [(7,), (5, 3), (2, 4, 3), (1, 1), (16,)]
+STEPS = 500
+
+
+def make_params(shapes=SHAPES, dtype=torch.float32, seed=0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+            for s in shapes]
+
+
+def clone_params(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [p.detach().clone().requires_grad_() for p in params]
+
+
+def gradient_sequence(params, steps=STEPS, seed=1, scale=1.0):
+    """Yield, per step, one noise tensor per parameter (the same for both optimizers)."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        yield [torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * scale
+               for p in params]
+
+
+def set_grads(params, noise, pull=0.5):
+    """grad = noise + pull * p: a noisy quadratic, so the parameters feed back."""
+    for p, n in zip(params, noise):
+        p.grad = (n + pull * p.detach()).to(p.dtype)
+
+
+def cosine_lr(step: int, steps: int, base: float) -> float:
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+
+
+def run_lockstep(make_a: Callable, make_b: Callable, *, shapes=SHAPES, dtype=torch.float32,
+                 steps=STEPS, seed=0, scale=1.0, schedule=False, pull=0.5):
+    """Build both optimizers on identical parameters, step them ``steps`` times on the same
+    gradients (optionally with a cosine lr schedule written into every group), and return
+    (params_a, opt_a, params_b, opt_b)."""
+    pa = make_params(shapes, dtype, seed)
+    pb = clone_params(pa)
+    oa, ob = make_a(pa), make_b(pb)
+    base_a = [g["lr"] for g in oa.param_groups]
+    base_b = [g["lr"] for g in ob.param_groups]
+    for t, noise in enumerate(gradient_sequence(pa, steps, seed + 1, scale)):
+        if schedule:
+            for g, b in zip(oa.param_groups, base_a):
+                g["lr"] = cosine_lr(t, steps, b)
+            for g, b in zip(ob.param_groups, base_b):
+                g["lr"] = cosine_lr(t, steps, b)
+        set_grads(pa, noise, pull)
+        set_grads(pb, noise, pull)
+        oa.step()
+        ob.step()
+    return pa, oa, pb, ob
+
+
+def max_param_diff(pa, pb) -> float:
+    return max((a.detach().double() - b.detach().double()).abs().max().item()
+               for a, b in zip(pa, pb))
+
+
+def max_state_diff(oa, pa, ob, pb, key_map: dict, reshape: bool = False) -> float:
+    """Largest difference between state tensors; ``key_map`` maps our key -> their key.
+    Keys missing on either side for a parameter are an error, numbers compare as floats."""
+    worst = 0.0
+    for a, b in zip(pa, pb):
+        sa, sb = oa.state[a], ob.state[b]
+        for ka, kb in key_map.items():
+            if ka not in sa and kb not in sb:
+                continue
+            va, vb = sa[ka], sb[kb]
+            if isinstance(va, torch.Tensor) or isinstance(vb, torch.Tensor):
+                va, vb = torch.as_tensor(va).double(), torch.as_tensor(vb).double()
+                if reshape:
+                    vb = vb.reshape(va.shape)
+                worst = max(worst, (va - vb).abs().max().item() if va.numel() else 0.0)
+            else:
+                worst = max(worst, abs(float(va) - float(vb)))
+    return worst
