@@ -10,6 +10,7 @@ from .adagrad import AdaGrad
 from .adam import Adam, AdamW, AMSGrad
 from .radam import RAdam
 from .rmsprop import RMSProp
+from .sam import SAM, accumulate_and_step
 from .sgd import SGD
 from .registry import (REGISTRY, OptimizerSpec, create_optimizer, list_optimizers,
                        param_groups_weight_decay)
@@ -21,5 +22,6 @@ __all__ = [
     "Adam", "AdamW", "AMSGrad",
     "Adafactor",
     "SGD", "AdaGrad", "RMSProp", "RAdam",
+    "SAM", "accumulate_and_step",
     "REGISTRY", "OptimizerSpec", "create_optimizer", "list_optimizers", "param_groups_weight_decay",
 ]
