@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
 
     sub.add_parser("list", help="list the optimizers")
+
+    from .train import add_arguments as add_train_arguments
+    add_train_arguments(sub.add_parser(
+        "train", help="fine-tune a pretrained transformer (default: MiniLM) on SST or CFIMDB"))
     return parser
 
 
@@ -52,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
             for name in list_optimizers():
                 spec = REGISTRY[name]
                 print(f"{name:10s} {spec.description}  [{spec.paper}]")
+        elif args.command == "train":
+            from .train import main as train_main
+            train_main(args)
     except (ValueError, OSError) as e:
         print(f"optimlab: error: {e}", file=sys.stderr)
         return 2
