@@ -64,6 +64,18 @@ def run_lockstep(make_a: Callable, make_b: Callable, *, shapes=SHAPES, dtype=tor
     return pa, oa, pb, ob
 
 
+def reference(make: Callable) -> Callable:
+    """``make`` with optimlab's per-tensor reference kernels (``impl="reference"``).  The
+    parity tests run the reference path, which reproduces each reference to the tolerances
+    stated there (bit for bit where they say so); tests/test_fast_paths.py ties the foreach
+    and fused paths to it."""
+    def build(params):
+        opt = make(params)
+        opt.impl = "reference"
+        return opt
+    return build
+
+
 def max_param_diff(pa, pb) -> float:
     return max((a.detach().double() - b.detach().double()).abs().max().item()
                for a, b in zip(pa, pb))

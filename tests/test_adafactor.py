@@ -18,7 +18,7 @@ import torch
 import optimlab
 from optimlab import compat
 from tests.helpers import (SHAPES, clone_params, make_params, max_param_diff, max_state_diff,
-                           run_lockstep)
+                           reference, run_lockstep)
 
 TOL = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 1e-6}
 TORCH_KEYS = {"step": "step", "exp_avg_sq_row": "row_var", "exp_avg_sq_col": "col_var",
@@ -74,7 +74,7 @@ def test_parity_torch(kw, run, dtype):
     # float32 through the compat constructor, float64 through the native options
     ours = ((lambda p: compat.torch.Adafactor(p, **kw, nonfinite="ignore"))
             if dtype == torch.float32 else (lambda p: native_like_torch(p, **kw)))
-    pa, oa, pb, ob = run_lockstep(ours, lambda p: torch.optim.Adafactor(p, **kw),
+    pa, oa, pb, ob = run_lockstep(reference(ours), lambda p: torch.optim.Adafactor(p, **kw),
                                   dtype=dtype, **run)
     assert max_param_diff(pa, pb) <= TOL[dtype]
     assert max_state_diff(oa, pa, ob, pb, TORCH_KEYS, reshape=True) <= TOL[dtype]
@@ -93,7 +93,8 @@ def test_parity_torch_foreach_kernel():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 def test_parity_torch_low_precision_computes_in_param_dtype(dtype):
-    pa, oa, pb, ob = run_lockstep(lambda p: compat.torch.Adafactor(p, weight_decay=0.1),
+    pa, oa, pb, ob = run_lockstep(lambda p: compat.torch.Adafactor(p, weight_decay=0.1,
+                                                                   foreach=False),
                                   lambda p: torch.optim.Adafactor(p, weight_decay=0.1),
                                   dtype=dtype, steps=100)
     assert max_param_diff(pa, pb) <= 1e-6
@@ -107,7 +108,7 @@ def test_torch_eps1_none_is_the_first_parameters_machine_epsilon_group_wide():
           (torch.randn(4, 3, generator=g) * 1e-9).float()]
     pb = clone_params(pa)
     pa = [p.requires_grad_() for p in pa]
-    oa = compat.torch.Adafactor(pa, weight_decay=0.1)
+    oa = compat.torch.Adafactor(pa, weight_decay=0.1, foreach=False)
     ob = torch.optim.Adafactor(pb, weight_decay=0.1)
     for _ in range(50):
         for p, q in zip(pa, pb):
@@ -141,7 +142,8 @@ def test_parity_transformers(kw, run, dtype):
     HFAdafactor = _hf()
     ours = ((lambda p: compat.hf.Adafactor(p, **kw, nonfinite="ignore"))
             if dtype == torch.float32 else (lambda p: native_like_hf(p, **kw)))
-    pa, oa, pb, ob = run_lockstep(ours, lambda p: HFAdafactor(p, **kw), dtype=dtype, **run)
+    pa, oa, pb, ob = run_lockstep(reference(ours), lambda p: HFAdafactor(p, **kw), dtype=dtype,
+                                  **run)
     assert max_param_diff(pa, pb) <= TOL[dtype]
     assert max_state_diff(oa, pa, ob, pb, HF_KEYS) <= TOL[dtype]
     assert oa.state[pa[1]]["step"] == 500

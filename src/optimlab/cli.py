@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
 
     sub.add_parser("list", help="list the optimizers")
+
+    from .bench import add_arguments as add_bench_arguments
+    add_bench_arguments(sub.add_parser(
+        "bench", help="time every optimizer against torch.optim (GPT-2 small shapes, a small model)"))
     return parser
 
 
@@ -52,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
             for name in list_optimizers():
                 spec = REGISTRY[name]
                 print(f"{name:10s} {spec.description}  [{spec.paper}]")
+        elif args.command == "bench":
+            from .bench import main_args as bench_main
+            return bench_main(args)
     except (ValueError, OSError) as e:
         print(f"optimlab: error: {e}", file=sys.stderr)
         return 2
