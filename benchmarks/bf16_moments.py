@@ -32,7 +32,7 @@ CTX, BATCH = 128, 16
 
 
 def text(split: str) -> str:
-    return "\n".join(r.sentence for r in load_split("sst", split))
+    return "\n".join(r.text for r in load_split("sst", split))
 
 
 def build(vocab: int, seed: int = 0) -> GPT2Model:
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in runs.items():
         d = distance(list(r["model"].parameters()), list(ref["model"].parameters()))
-        print(f"| {name} | {r['state_bpp']:.1f} | {sum(r['losses'][-50:]) / 50:.4f} | "
+        print(f"| {name} | {r['state_bpp']:.1f} | {sum(r['losses'][-50:]) / len(r['losses'][-50:]):.4f} | "
               f"{r['dev']:.4f} | {d:.4f} ({d / moved:.2%}) | {r['seconds']:.0f} |")
     print("\nloss curve (mean of each 100 steps):")
     for name, r in runs.items():

@@ -2,10 +2,17 @@
 
 Why a plain C ABI loaded with ctypes rather than a torch C++ extension: the kernels need
 nothing from torch but the tensors' data pointers, so the source includes no torch or Python
-header and compiles in about a second (a ``torch.utils.cpp_extension`` build of the same
-kernels includes ``torch/extension.h`` and takes about a minute on 2 cores, and needs ninja),
-and the library works with any torch version and Python ABI.  The numbers that decided it are
-in the README's performance section and ``benchmarks/``.
+header and compiles in seconds (a ``torch.utils.cpp_extension`` build includes
+``torch/extension.h``, takes about a minute on 2 cores before the first kernel line and wants
+ninja), and the library works with any torch version and Python ABI.  torch.compile needs a
+compile of the whole step per parameter layout at start-up, and torch's own fused Adam kernel
+cannot express Adafactor.  The measurements (speed of each option, compile and build times)
+come from ``benchmarks/fused_options.py``; the README's performance section has them.
+
+Rounding: the library is compiled with ``-ffp-contract=off`` and calls fma() exactly where
+torch's CPU kernels use a fused multiply-add (add/sub with ``alpha=``, addcmul, lerp), so each
+kernel rounds as the reference's torch ops do; what remains is torch's CPU sqrt (MKL's, not
+always correctly rounded) and the summation order of Adafactor's reductions.
 
 Build: on the first call that needs a kernel, the C++ compiler (``$CXX``, else ``c++``,
 ``g++`` or ``clang++`` on the PATH) compiles the source with ``-O3 -fopenmp`` and the vector
@@ -88,9 +95,15 @@ def _cache_dir() -> Path:
     raise OSError("no writable cache directory for optimlab's CPU kernels")
 
 
+# -ffp-contract=off: no fused multiply-adds where the source writes a multiply and an add, so
+# every operation rounds as the reference kernel's torch ops do (with contraction the results
+# drift from torch.optim's by a few float32 ulps per step, beyond the parity tests' 1e-6)
+_BASE_FLAGS = ["-O3", "-std=gnu++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=off"]
+
+
 def _build(cxx: str, flags: list[str], out: Path) -> None:
     tmp = out.with_name(f"{out.stem}.{os.getpid()}.{threading.get_ident()}.tmp.so")
-    base = [cxx, "-O3", "-std=gnu++17", "-shared", "-fPIC", "-fno-math-errno", *flags]
+    base = [cxx, *_BASE_FLAGS, *flags]
     last = None
     for omp in (["-fopenmp"], []):            # retry without OpenMP (e.g. Apple clang)
         cmd = [*base, *omp, str(_SOURCE), "-o", str(tmp)]
@@ -118,7 +131,7 @@ def load() -> ctypes.CDLL | None:
             if cxx is None:
                 raise RuntimeError("no C++ compiler found ($CXX, c++, g++, clang++)")
             flags = _arch_flags()
-            key = hashlib.sha256(_SOURCE.read_bytes() + repr((cxx, flags, platform.machine(),
+            key = hashlib.sha256(_SOURCE.read_bytes() + repr((cxx, _BASE_FLAGS, flags, platform.machine(),
                                                               _ABI_VERSION)).encode()).hexdigest()
             path = _cache_dir() / f"fused_cpu-{key[:16]}.so"
             seconds = 0.0

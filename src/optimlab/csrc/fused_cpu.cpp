@@ -2,11 +2,12 @@
 // all tensors of a parameter group in one call, split across OpenMP threads.
 //
 // Plain C ABI, no Python or torch headers: `optimlab._ext` compiles this file with the system
-// C++ compiler on first use (about a second) and calls it through ctypes with the tensors'
-// data pointers.  Each kernel restates, element by element, the operation order of the
-// per-tensor reference kernel in the matching optimlab/*.py file (`adam_update`,
-// `sgd_update`, ...), with scalars rounded to the tensor dtype where torch rounds them, so the
-// results agree with the reference to float rounding (tests/test_fast_paths.py).
+// C++ compiler on first use (seconds) and calls it through ctypes with the tensors' data
+// pointers.  Each kernel restates, element by element, the operation order of the per-tensor
+// reference kernel in the matching optimlab/*.py file (`adam_update`, `sgd_update`, ...),
+// with scalars rounded to the tensor dtype where torch rounds them and fused multiply-adds
+// exactly where torch's kernels use them (compiled with -ffp-contract=off), so the results
+// agree with the reference to float rounding (tests/test_fast_paths.py).
 //
 // Layout of the per-tensor tables passed in: int64 slots, pointers as integers; 0 = absent.
 // Hyper-parameters come as a double array in a fixed order documented at each entry point.
@@ -85,18 +86,24 @@ void for_chunks(int64_t nt, const int64_t* numel, int64_t chunk, int nthreads, F
 
 constexpr int64_t CHUNK = 1 << 15;
 
-// torch's lerp, a + w (b - a), written without a branch on the (uniform) weight so that the
-// loops vectorize: both forms are computed and one is selected
+// Rounding as torch's CPU kernels round.  The library is compiled with -ffp-contract=off, so a
+// multiply and an add round separately, as in torch's mul/div/addcdiv kernels; where torch's
+// kernels use a fused multiply-add (add/sub with alpha=, addcmul, lerp) so does this file,
+// through fma(): a + alpha b = fma(alpha, b, a); a + v t1 t2 = fma(v t1, t2, a).
+template <typename T> inline T fma(T a, T b, T c) { return std::fma(a, b, c); }
+
+// torch's lerp(a, b, w): fma(w, b - a, a) for |w| < 0.5, else fma(w - 1, b - a, b); written
+// without a branch on the (uniform) weight so that the loops vectorize
 template <typename T> inline T lerp(T a, T b, T w, bool small) {
   T d = b - a;
-  T lo = a + w * d, hi = b - d * (T(1) - w);
+  T lo = fma(w, d, a), hi = fma(w - T(1), d, b);
   return small ? lo : hi;
 }
 
 // the same with the weight's side known at compile time (a select on a loop-invariant flag
 // keeps GCC from vectorizing some loops)
 template <bool SMALL, typename T> inline T lerp_(T a, T b, T w) {
-  return SMALL ? a + w * (b - a) : b - (b - a) * (T(1) - w);
+  return SMALL ? fma(w, b - a, a) : fma(w - T(1), b - a, b);
 }
 
 template <typename T> inline T nan_max(T a, T b) {        // torch.maximum propagates NaN
@@ -113,15 +120,16 @@ template <typename T> struct Table {                      // per-tensor slots
 };
 
 // The decay and sign options every kernel shares, as arithmetic that is exact when an
-// option is off (x * 1, x + 0 * y), so the inner loops carry no branches:
-//   g <- sign * g + wd_l2 * theta         (maximize; L2 decay)
-//   theta <- theta * pre                   (decoupled decay of theta_{t-1})
-//   theta <- theta + post * theta          (decay of the updated weights)
+// option is off (x * 1, fma(0, y, x)), so the inner loops carry no branches:
+//   g <- sign * g + wd_l2 * theta         (maximize; L2 decay: g.add(theta, alpha=wd))
+//   theta <- theta * pre                   (decoupled decay of theta_{t-1}: theta.mul_(pre))
+//   theta <- theta + post * theta          (decay of the updated weights: add_ with alpha)
 template <typename T> struct Decay {
   T sign, wd_l2, pre, post;
   Decay(double maximize, double l2, double pre_mul, double post_alpha)
       : sign(maximize != 0 ? T(-1) : T(1)), wd_l2(T(l2)), pre(T(pre_mul)), post(T(post_alpha)) {}
-  inline T grad(T g, T p) const { return sign * g + wd_l2 * p; }
+  inline T grad(T g, T p) const { return fma(wd_l2, p, sign * g); }
+  inline T after(T p) const { return fma(post, p, p); }
 };
 
 // ------------------------------------------------------------------------------ finite check
@@ -147,8 +155,7 @@ void adam_range(T* __restrict p, const T* __restrict g, S* __restrict m, S* __re
     T gi = dc.grad(g[i], pi);
     pi = pi * dc.pre;
     T mi = lerp_<SMALL>(Mem<S, T>::ld(m, i), gi, w1);
-    T vi = Mem<S, T>::ld(v, i) * b2;
-    vi = vi + c2 * gi * gi;
+    T vi = fma(c2 * gi, gi, Mem<S, T>::ld(v, i) * b2);
     Mem<S, T>::st(m, i, mi);
     Mem<S, T>::st(v, i, vi);
     if (AMS) {
@@ -157,7 +164,7 @@ void adam_range(T* __restrict p, const T* __restrict g, S* __restrict m, S* __re
     }
     T d = std::sqrt(vi) / bs + eps;          // bs = 1 for eps on sqrt(v): exact
     pi = pi + val * mi / d;
-    p[i] = pi + dc.post * pi;
+    p[i] = dc.after(pi);
   }
 }
 
@@ -211,12 +218,12 @@ void sgd_range(T* __restrict p, const T* __restrict g, T* __restrict b, int64_t 
     pi = pi * dc.pre;
     T d = gi;
     if (MOM) {
-      T bi = first ? gi : b[i] * mom + damp * gi;
+      T bi = first ? gi : fma(damp, gi, b[i] * mom);
       b[i] = bi;
-      d = nesterov ? gi + mom * bi : bi;
+      d = nesterov ? fma(mom, bi, gi) : bi;
     }
-    pi = pi + lr * d;
-    p[i] = pi + dc.post * pi;
+    pi = fma(lr, d, pi);
+    p[i] = dc.after(pi);
   }
 }
 
@@ -251,10 +258,10 @@ void adagrad_range(T* __restrict p, const T* __restrict g, T* __restrict sum, in
     T pi = p[i];
     T gi = dc.grad(g[i], pi);
     pi = pi * dc.pre;
-    T si = sum[i] + gi * gi;
+    T si = fma(gi, gi, sum[i]);
     sum[i] = si;
     pi = pi + c * gi / (std::sqrt(si) + eps);
-    p[i] = pi + dc.post * pi;
+    p[i] = dc.after(pi);
   }
 }
 
@@ -287,14 +294,13 @@ void rmsprop_range(T* __restrict p, const T* __restrict g, T* __restrict sq, T* 
     T pi = p[i];
     T gi = dc.grad(g[i], pi);
     pi = pi * dc.pre;
-    T vi = sq[i] * alpha;
-    vi = vi + c * gi * gi;
+    T vi = fma(c * gi, gi, sq[i] * alpha);
     sq[i] = vi;
     T avg;
     if (CENTERED) {
       T ai = lerp_<SMALL>(ga[i], gi, c);
       ga[i] = ai;
-      avg = std::sqrt(vi + T(-1) * ai * ai);
+      avg = std::sqrt(fma(-ai, ai, vi));
     } else {
       avg = std::sqrt(vi);
     }
@@ -302,11 +308,11 @@ void rmsprop_range(T* __restrict p, const T* __restrict g, T* __restrict sq, T* 
     if (MOM) {
       T bi = b[i] * mom + gi / avg;
       b[i] = bi;
-      pi = pi + lr * bi;
+      pi = fma(lr, bi, pi);
     } else {
       pi = pi + lr * gi / avg;
     }
-    p[i] = pi + dc.post * pi;
+    p[i] = dc.after(pi);
   }
 }
 
@@ -349,8 +355,7 @@ void radam_range(T* __restrict p, const T* __restrict g, T* __restrict m, T* __r
     T gi = dc.grad(g[i], pi);
     pi = pi * dc.pre;
     T mi = lerp_<SMALL>(m[i], gi, w1);
-    T vi = v[i] * b2;
-    vi = vi + c2 * gi * gi;
+    T vi = fma(c2 * gi, gi, v[i] * b2);
     m[i] = mi;
     v[i] = vi;
     T mh = mi / b1c;
@@ -361,7 +366,7 @@ void radam_range(T* __restrict p, const T* __restrict g, T* __restrict m, T* __r
     } else if (BR == 1) {
       pi = pi - mh * lr;
     }
-    p[i] = pi + dc.post * pi;
+    p[i] = dc.after(pi);
   }
 }
 
@@ -450,6 +455,7 @@ struct Adafactor {
     T clip_div;            // grad_sq: max(1, RMS(U)/d) in T
     double clip_f;         // clamp: the same in double
     T k_step, k_avg, b1;   // clamp layout: the step sizes the reference passes as alpha=
+    T one_minus_b1;        // 1 - beta1 rounded once from double, as torch rounds alpha=
     T pre_mul, pre_add, post_mul, post_add;   // theta*mul + add*theta before/after the step
     bool factorized;       // U = (r_i c_j) G  (always with grad_sq; clamp where it cannot bind)
   };
@@ -467,7 +473,7 @@ struct Adafactor {
 #pragma omp simd reduction(+ : rs, ps)
       for (int64_t j = 0; j < t.m; j++) {
         T pj = READP ? p[j] : T(0);
-        T gi = sg * g[j] + l * pj;
+        T gi = fma(l, pj, sg * g[j]);
         T sq = gi * gi + e1;               // + eps1 with grad_sq (exact + 0 otherwise)
         rs += sq;
         ps += pj * pj;
@@ -540,13 +546,13 @@ struct Adafactor {
       double rmean = 0;
       for (int64_t i = 0; i < t.n; i++) {
         T x = T(rsum[i] / double(t.m));
-        row[i] = grad_sq ? row[i] * sc.beta2 + sc.one_minus_beta2 * x
+        row[i] = grad_sq ? fma(sc.one_minus_beta2, x, row[i] * sc.beta2)
                          : lerp(row[i], x, sc.weight, wsmall);
         rmean += double(row[i]);
       }
       for (int64_t j = 0; j < t.m; j++) {
         T x = T(csum[j] / double(t.n));
-        col[j] = grad_sq ? col[j] * sc.beta2 + sc.one_minus_beta2 * x
+        col[j] = grad_sq ? fma(sc.one_minus_beta2, x, col[j] * sc.beta2)
                          : lerp(col[j], x, sc.weight, wsmall);
       }
       T mean = T(rmean / double(t.n));
@@ -597,7 +603,7 @@ struct Adafactor {
       T acc = 0;
 #pragma omp simd reduction(+ : acc)
       for (int64_t j = 0; j < t.m; j++) {
-        T gi = sg * g[j] + (L2 ? l * p[j] : T(0));
+        T gi = L2 ? fma(l, p[j], sg * g[j]) : sg * g[j];
         T u = PRODUCT ? (rv * cf[j]) * gi
                       : (T(1) / std::sqrt(std::max((rv * cf[j]) / den, e2))) * gi;
         acc += u * u;
@@ -614,10 +620,10 @@ struct Adafactor {
       const T e2 = T(eps1 * eps1);
       const bool wsmall = std::abs(sc.weight) < T(0.5);
       for (int64_t i = r0; i < r1; i++) {
-        T gi = sign * t.g[i] + l2 * t.p[i];
+        T gi = fma(l2, t.p[i], sign * t.g[i]);
         T vi = t.v[i], u;
         if (grad_sq) {
-          vi = vi * sc.beta2 + sc.one_minus_beta2 * (gi * gi + T(eps1));
+          vi = fma(sc.one_minus_beta2, gi * gi + T(eps1), vi * sc.beta2);
           u = (T(1) / std::sqrt(vi)) * gi;
         } else {
           vi = lerp(vi, gi * gi, sc.weight, wsmall);
@@ -651,40 +657,41 @@ struct Adafactor {
       }
     }
     sc.b1 = T(beta1);
+    sc.one_minus_b1 = T(1 - beta1);
   }
 
   // theta and exp_avg for one element with U = u; GS: the grad_sq (transformers) layout;
   // MOM: 0 no first moment, 1 of the scaled update, 2 of the update
   template <bool GS, int MOM>
   static inline T apply(T pi, T u, T* __restrict ea, int64_t j, const Scal& sc) {
-    pi = pi * sc.pre_mul + sc.pre_add * pi;
+    pi = fma(sc.pre_add, pi, pi * sc.pre_mul);
     if (GS) {
       u = u / sc.clip_div;
       if (MOM == 0) {
         pi = pi - u * sc.alpha_t;
       } else if (MOM == 1) {
-        T e = ea[j] * sc.b1 + (T(1) - sc.b1) * (u * sc.alpha_t);
+        T e = fma(sc.one_minus_b1, u * sc.alpha_t, ea[j] * sc.b1);
         ea[j] = e;
         pi = pi - e;
       } else {
-        T e = ea[j] * sc.b1 + (T(1) - sc.b1) * u;
+        T e = fma(sc.one_minus_b1, u, ea[j] * sc.b1);
         ea[j] = e;
         pi = pi - e * sc.alpha_t;
       }
     } else {
       if (MOM == 0) {
-        pi = pi + sc.k_step * u;
+        pi = fma(sc.k_step, u, pi);
       } else if (MOM == 1) {
-        T e = ea[j] * sc.b1 + sc.k_avg * u;
+        T e = fma(sc.k_avg, u, ea[j] * sc.b1);
         ea[j] = e;
         pi = pi - e;
       } else {
-        T e = ea[j] * sc.b1 + sc.k_avg * u;
+        T e = fma(sc.k_avg, u, ea[j] * sc.b1);
         ea[j] = e;
-        pi = pi + sc.k_step * e;
+        pi = fma(sc.k_step, e, pi);
       }
     }
-    return pi * sc.post_mul + sc.post_add * pi;
+    return fma(sc.post_add, pi, pi * sc.post_mul);
   }
 
   // ---- pass 3: the update
@@ -702,7 +709,7 @@ struct Adafactor {
 #pragma omp simd
       for (int64_t j = 0; j < t.m; j++) {
         T pj = p[j];
-        T gi = sg * g[j] + l * pj;
+        T gi = fma(l, pj, sg * g[j]);
         T u = PRODUCT ? (rv * cf[j]) * gi
                       : (T(1) / std::sqrt(std::max((rv * cf[j]) / den, e2))) * gi;
         p[j] = apply<GS, MOM>(pj, u, ea, j, sc);
@@ -723,7 +730,7 @@ struct Adafactor {
     const T e2 = T(eps1 * eps1);
     for (int64_t i = r0; i < r1; i++) {
       T pi = t.p[i];
-      T gi = sign * t.g[i] + l2 * pi;
+      T gi = fma(l2, pi, sign * t.g[i]);
       T u = GS ? (T(1) / std::sqrt(t.v[i])) * gi
                : (T(1) / std::sqrt(std::max(t.v[i], e2))) * gi;
       t.p[i] = apply<GS, MOM>(pi, u, t.ea, i, sc);
