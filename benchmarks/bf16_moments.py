@@ -108,7 +108,8 @@ def main(argv=None) -> int:
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in runs.items():
         d = distance(list(r["model"].parameters()), list(ref["model"].parameters()))
-        print(f"| {name} | {r['state_bpp']:.1f} | {sum(r['losses'][-50:]) / len(r['losses'][-50:]):.4f} | "
+        last = r['losses'][-50:]
+        print(f"| {name} | {r['state_bpp']:.1f} | {sum(last) / len(last):.4f} | "
               f"{r['dev']:.4f} | {d:.4f} ({d / moved:.2%}) | {r['seconds']:.0f} |")
     print("\nloss curve (mean of each 100 steps):")
     for name, r in runs.items():
