@@ -43,7 +43,7 @@ from . import __version__, _ext
 from . import compat
 
 SUITES = ("gpt2", "small")
-FAMILIES = ("adamw", "adam", "sgd", "adagrad", "rmsprop", "radam", "adafactor")
+FAMILIES = ("adamw", "adam", "sgd", "adagrad", "rmsprop", "radam", "adafactor", "sam")
 WARMUP = 6
 
 
@@ -99,6 +99,24 @@ class Contender:
     opt: torch.optim.Optimizer | None = None
     times: list[float] = field(default_factory=list)
     inner: int = 1
+
+
+class _SAMSteps:
+    """SAM's optimizer-side work per update, for timing: ``first_step`` (gradient norm, save w,
+    move to w + e) then ``second_step`` (check, restore w, the base step), on the same
+    gradients (the model's two forward/backward passes are not part of the optimizer)."""
+
+    def __init__(self, sam):
+        self.sam = sam
+        self.state = sam.base_optimizer.state
+
+    def step(self):
+        self.sam.first_step()
+        self.sam.second_step()
+
+    @property
+    def last_step_impls(self):
+        return getattr(self.sam.base_optimizer, "last_step_impls", None)
 
 
 def _hf_adafactor():
@@ -191,6 +209,17 @@ def contenders(family: str) -> list[Contender]:
         if hf is not None:
             out.append(Contender("transformers Adafactor", lambda p: hf(p)))
         return out
+    if family == "sam":
+        sam = optimlab.SAM
+        return [
+            Contender("optimlab.AdamW alone", lambda p: optimlab.AdamW(groups(p, 0.01), lr=1e-3)),
+            Contender("SAM(optimlab.AdamW), optimizer side",
+                      lambda p: _SAMSteps(sam(groups(p, 0.01), optimlab.AdamW, lr=1e-3))),
+            Contender("SAM(torch AdamW fused), optimizer side",
+                      lambda p: _SAMSteps(sam(groups(p, 0.01), T.AdamW, lr=1e-3, fused=True))),
+            Contender("torch AdamW fused", lambda p: T.AdamW(groups(p, 0.01), lr=1e-3,
+                                                             fused=True), True),
+        ]
     raise ValueError(f"unknown optimizer family {family!r}; expected one of {', '.join(FAMILIES)}")
 
 

@@ -192,6 +192,7 @@ class SAM(torch.optim.Optimizer):
         self.process_group = process_group
         self.skipped_steps = 0
         self._saved_w: dict[torch.Tensor, torch.Tensor] | None = None   # between the steps
+        self._w_buffers: dict[torch.Tensor, torch.Tensor] = {}   # where first_step saves w
         sam_defaults = dict(rho=rho, adaptive=bool(adaptive), eta=eta)
         self._check_group(sam_defaults)
         self._sam_defaults = sam_defaults
@@ -308,11 +309,25 @@ class SAM(torch.optim.Optimizer):
                     self.zero_grad()
                 return False
         saved = {}
+        n = None
         for p, group in work:
-            e = sam_perturbation(p, p.grad, norm, rho=group["rho"], adaptive=group["adaptive"],
-                                 eta=group["eta"])
-            saved[p] = p.detach().clone()
-            p.add_(e)
+            # w is saved into a buffer kept from step to step (one copy of the parameters, the
+            # memory SAM needs anyway): a fresh copy per update costs far more than the copy
+            # itself (new pages are zeroed by the OS); see ``optimlab bench --optimizers sam``
+            buf = self._w_buffers.get(p)
+            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or \
+                    buf.device != p.device:
+                buf = self._w_buffers[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+            buf.copy_(p)
+            saved[p] = buf
+            if not group["adaptive"] and p.grad.dtype == p.dtype == norm.dtype:
+                if n is None:
+                    n = float(norm)
+                # w + (rho / N) g in one pass, no temporary (rounds as torch's add with alpha)
+                p.add_(p.grad, alpha=group["rho"] / n if n > 0 else 0.0)
+            else:
+                p.add_(sam_perturbation(p, p.grad, norm, rho=group["rho"],
+                                        adaptive=group["adaptive"], eta=group["eta"]))
         self._saved_w = saved
         if zero_grad:
             self.zero_grad()
