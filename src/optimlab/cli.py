@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .train import add_arguments as add_train_arguments
     add_train_arguments(sub.add_parser(
         "train", help="fine-tune a pretrained transformer (default: MiniLM) on SST or CFIMDB"))
+
+    from .lab import add_arguments as add_lab_arguments
+    add_lab_arguments(sub.add_parser(
+        "lab", help="run an experiment of the optimizer lab (plots + report in reports/NAME)"))
     return parser
 
 
@@ -59,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "train":
             from .train import main as train_main
             train_main(args)
+        elif args.command == "lab":
+            from .lab import main as lab_main
+            lab_main(args)
     except (ValueError, OSError) as e:
         print(f"optimlab: error: {e}", file=sys.stderr)
         return 2
