@@ -171,6 +171,10 @@ def test_rerun_skips_finished_cells(runs, base, capsys):
     lab, _ = run_experiment(LabOptions("epsilon", quick=True, out=str(out), progress=False))
     assert (lab.computed, lab.cached) == (1, 5) and victim.is_file()
     assert strip((out / "report.md").read_text()) == strip(report)     # deterministic cells
+    # more seeds: the finished cells are reused, only the new seed's are computed
+    lab, _ = run_experiment(LabOptions("epsilon", quick=True, out=str(out), seeds=2,
+                                       progress=False))
+    assert (lab.computed, lab.cached) == (6, 6)
 
 
 @pytest.mark.parametrize("argv, message", [

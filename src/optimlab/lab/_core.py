@@ -5,7 +5,9 @@ its parameters.  `Lab.run_cells` computes the cells that are not on disk yet, wi
 bar, and writes each one as ``<out>/cells/<name>-<hash>.json`` the moment it finishes (through a
 temporary file and a rename: a crash leaves a whole cell or none).  An interrupted experiment
 rerun with the same options therefore skips its finished cells; changing an option that a cell
-depends on changes the hash, so stale cells are never reused.
+depends on changes the hash, so stale cells are never reused (options that only choose which
+cells run, such as a grid or the number of seeds, are not part of the hash: a wider grid or more
+seeds reuse the cells already there).
 
 `Lab.write_report` writes ``<out>/report.md`` (conclusion, tables, figures, then the config,
 seeds, cell counts, wall time and versions) and ``<out>/results.json`` (the same numbers, for
@@ -45,12 +47,16 @@ class Lab:
 
     experiment: str
     out: Path
-    config: dict                               # everything every cell depends on
+    config: dict                               # the experiment's options (in the report)
     progress: bool = True
     log: Callable[[str], None] = print
     computed: int = 0                          # cells computed by this run
     cached: int = 0                            # cells found on disk
+    cell_seconds: float = 0.0                  # compute time of every cell, cached ones too
     start: float = field(default_factory=time.perf_counter)
+    #: config keys that only choose *which* cells run (grids, number of seeds): left out of the
+    #: cell hash, so extending a grid or adding seeds reuses the cells already computed
+    grid_keys: tuple = ()
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -58,7 +64,8 @@ class Lab:
 
     # ------------------------------------------------------------------ cells
     def cell_path(self, cell: Cell) -> Path:
-        key = json.dumps({"experiment": self.experiment, "config": self.config,
+        shared = {k: v for k, v in self.config.items() if k not in self.grid_keys}
+        key = json.dumps({"experiment": self.experiment, "config": shared,
                           "params": cell.params}, sort_keys=True, default=str)
         digest = hashlib.sha1(key.encode("utf-8")).hexdigest()[:10]
         return self.out / "cells" / f"{cell.name}-{digest}.json"
@@ -114,6 +121,7 @@ class Lab:
             self.computed += 1
             bar.update(1)
         bar.close()
+        self.cell_seconds += sum(r.get("seconds", 0.0) for r in results)
         return results  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ output
@@ -144,7 +152,8 @@ class Lab:
                   f"- experiment: `{self.experiment}`" + (f", command: `{argv}`" if argv else ""),
                   f"- cells: {self.computed + self.cached} ({self.computed} computed by this "
                   f"run, {self.cached} read from `cells/`)",
-                  f"- wall time of this run: {wall} s",
+                  f"- wall time of this run: {wall} s; compute time of all its cells, "
+                  f"cached ones included: {self.cell_seconds:.1f} s",
                   f"- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()
                                                if v),
                   f"- git: {env['git']['revision'] or 'unknown'}"

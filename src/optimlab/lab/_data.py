@@ -184,21 +184,27 @@ def fit(model: nn.Module, optimizer, batches_of: Callable[[list[int]], Any], n: 
 
 # ---------------------------------------------------------------------- a small LM from scratch
 @torch.no_grad()
-def lm_corpus(n_sentences: int, max_length: int = 48) -> dict:
+def lm_corpus(n_sentences: int, max_length: int = 48, max_vocab: int | None = None) -> dict:
     """SST-5 training sentences as token ids for a language model: MiniLM's tokenizer, the
     vocabulary remapped to the ids that occur (0 = padding), sequences of at most
-    ``max_length`` tokens, [CLS] ... [SEP] kept as begin/end markers."""
+    ``max_length`` tokens, [CLS] ... [SEP] kept as begin/end markers.  ``max_vocab``: keep the
+    most frequent ids only, the others become one unknown-token id (the softmax over the
+    vocabulary dominates a small model's cost on a CPU)."""
     from ..models import default_model_dir, load_tokenizer
     tokenizer = load_tokenizer(default_model_dir(), max_length=max_length)
     records = load_split("sst", "train")
     recs = [records[i] for i in _subset(len(records), n_sentences, seed=0)]
     enc = [e.ids for e in tokenizer.encode_batch([r.text for r in recs])]
-    vocab = {tok: k + 1 for k, tok in enumerate(sorted({t for ids in enc for t in ids}))}
+    from collections import Counter
+    counts = Counter(t for ids in enc for t in ids)
+    kept = sorted(counts) if max_vocab is None else sorted(
+        t for t, _ in counts.most_common(max_vocab - 2))
+    vocab = {tok: k + 2 for k, tok in enumerate(kept)}          # 0: padding, 1: unknown
     T = max(len(ids) for ids in enc)
     ids = torch.zeros(len(enc), T, dtype=torch.long)
     for i, seq in enumerate(enc):
-        ids[i, :len(seq)] = torch.tensor([vocab[t] for t in seq])
-    return {"ids": ids, "vocab_size": len(vocab) + 1}
+        ids[i, :len(seq)] = torch.tensor([vocab.get(t, 1) for t in seq])
+    return {"ids": ids, "vocab_size": len(vocab) + 2}
 
 
 class TinyLM(nn.Module):

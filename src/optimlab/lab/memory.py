@@ -22,6 +22,8 @@ What is measured.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..adafactor import Adafactor
@@ -40,7 +42,7 @@ _REGISTRY_NAME = {"adamw-fp32": "adamw", "adamw-bf16": "adamw", "adafactor+beta1
                   "adafactor": "adafactor", "sgd-momentum": "sgd"}
 
 QUICK = dict(mode="last-linear-layer", n_train=400, n_dev=300, epochs=10, batch_size=32, seeds=2)
-FULL = dict(mode="full-model", n_train=1500, n_dev=None, epochs=1, batch_size=32, seeds=1)
+FULL = dict(mode="full-model", n_train=800, n_dev=500, epochs=1, batch_size=16, seeds=1)
 
 
 def make_optimizer(name: str, groups, lr: float):
@@ -96,7 +98,8 @@ def run(opts):
                model=(FEATURE_MODEL + " -> linear head" if cfg["mode"] == "last-linear-layer"
                       else "embedded MiniLM-L6, full model, mean pooling, dropout 0.1"),
                schedule="linear warmup 10% then linear decay, clip 1.0 (train's defaults)")
-    lab = Lab(NAME, opts.out, cfg, progress=opts.progress, log=opts.log)
+    lab = Lab(NAME, opts.out, cfg, progress=opts.progress, log=opts.log,
+              grid_keys=("seeds",))
     models = _meta_models()
     sizes = lab.run_cells([Cell(f"bytes-{o}", {"kind": "bytes", "optimizer": o})
                            for o in OPTIMIZERS],
@@ -175,16 +178,16 @@ def _full_model_cell(cfg: dict):
     def compute(p):
         torch.manual_seed(p["seed"])
         model = build_classifier(None, num_labels=5, fine_tune_mode="full-model")
-        model.encoder.pooler.requires_grad_(False) if getattr(
-            model.encoder, "pooler", None) is not None else None
+        if getattr(model.encoder, "pooler", None) is not None:
+            model.encoder.pooler.requires_grad_(False)      # unused by mean pooling (as train)
         opt = make_optimizer(p["optimizer"], param_groups_weight_decay(model, 0.01),
                              cfg["lrs"][p["optimizer"]])
-        train = sets["train"]
-        res = fit(model, opt, lambda idx: _collate([train[i] for i in idx], 0, device),
+        train, pad = sets["train"], model.pad_token_id
+        res = fit(model, opt, lambda idx: _collate([train[i] for i in idx], pad, device),
                   len(train), epochs=cfg["epochs"], batch_size=cfg["batch_size"],
                   seed=p["seed"], loss_fn=_loss_fn, warmup=0.1, max_grad_norm=1.0)
         pred = predict(model, sets["dev"], batch_size=64, pad_id=model.pad_token_id,
-                       device=device, autocast=__import__("contextlib").nullcontext)
+                       device=device, autocast=contextlib.nullcontext)
         acc = sum(a == e.label for a, e in zip(pred, sets["dev"])) / len(sets["dev"])
         return {"dev_acc": acc, "train_loss": res.epochs[-1]["train_loss"]}
     return compute

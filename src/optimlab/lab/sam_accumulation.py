@@ -70,7 +70,8 @@ def run(opts):
                model=FEATURE_MODEL + f" -> MLP head ({cfg['hidden']} hidden, GELU)",
                optimizer="optimlab.AdamW (CS224N defaults), SAM(AdamW) for sam/sam-naive; "
                          "linear decay, no warmup")
-    lab = Lab(NAME, opts.out, cfg, progress=opts.progress, log=opts.log)
+    lab = Lab(NAME, opts.out, cfg, progress=opts.progress, log=opts.log,
+              grid_keys=("seeds",))
     data = sst_features(cfg["n_train"], cfg["n_dev"], opts.cache, progress=opts.progress)
     n, dim = data["train_x"].shape
     x, y = data["train_x"], data["train_y"]
@@ -178,6 +179,7 @@ def plot(cfg: dict, runs: dict, path):
         ep = np.arange(1, A.shape[1] + 1)
         axes[0].plot(ep, A.mean(0), marker="o", color=colors[m], label=m)
         axes[0].fill_between(ep, A.min(0), A.max(0), color=colors[m], alpha=0.15)
+        axes[0].set_xticks(ep)
     axes[0].set(xlabel="epoch", ylabel="SST-5 dev accuracy",
                 title=f"Dev accuracy (band: min-max over {cfg['seeds']} seeds)")
     axes[0].legend()

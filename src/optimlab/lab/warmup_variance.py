@@ -11,12 +11,14 @@ What is measured.  A small GPT-2 (optimlab.models.gpt2: random init, no dropout)
 scratch as a language model on SST-5 sentences (MiniLM's tokenizer, the vocabulary cut to the
 tokens that occur), with the same peak lr, betas (0.9, 0.999), batches and linear decay for:
 ``adam`` (no warmup), ``adam+warmup`` (linear warmup over the first part of the updates) and
-``radam`` (no warmup), several seeds.  Per update: the training loss; the spread of the adaptive
+``radam`` (no warmup), several seeds (the vocabulary is cut to the most frequent ids, the
+rest one unknown id, to keep the softmax affordable on a CPU).  Per update: the training loss; the spread of the adaptive
 lr across the coordinates of the weight matrices, Var[log10 l_t] with l_t = 1 / (sqrt(v_hat_t) +
 eps) (the quantity whose early variance the RAdam paper blames); and the relative size of the
 update ||theta_t - theta_{t-1}|| / ||theta_{t-1}||.  A run *diverged* if its loss became
 non-finite or ended above its start; it *lagged* if its mean loss over the first quarter of the
-updates is more than 2% above the best method's.
+updates is more than 2% above the best method's; it *spiked* if its loss later rose above its
+value at the first update.
 """
 
 from __future__ import annotations
@@ -36,10 +38,10 @@ SUMMARY = "Adam without/with warmup vs RAdam from scratch: loss curves, adaptive
 METHODS = ("adam", "adam+warmup", "radam")
 LAG = 0.02
 
-QUICK = dict(sentences=320, epochs=4, batch_size=32, lr=3e-3, warmup=0.25, seeds=2,
-             n_embd=32, n_layer=2, n_head=4, track_steps=40)
-FULL = dict(sentences=4000, epochs=5, batch_size=32, lr=3e-3, warmup=0.1, seeds=4,
-            n_embd=128, n_layer=3, n_head=4, track_steps=100)
+QUICK = dict(sentences=320, max_vocab=1000, epochs=4, batch_size=32, lr=3e-3, warmup=0.25,
+             seeds=2, n_embd=32, n_layer=2, n_head=4, track_steps=40)
+FULL = dict(sentences=3000, max_vocab=2000, epochs=4, batch_size=32, lr=1e-2, warmup=0.1,
+            seeds=3, n_embd=64, n_layer=2, n_head=4, track_steps=100)
 
 
 def run(opts):
@@ -49,8 +51,9 @@ def run(opts):
     cfg.update(quick=opts.quick, betas=[0.9, 0.999], eps=1e-8,
                model="GPT-2 (optimlab.models.gpt2), random init, tied LM head, no dropout",
                data="SST-5 train sentences, MiniLM tokenizer, vocabulary cut to occurring ids")
-    lab = Lab(NAME, opts.out, cfg, progress=opts.progress, log=opts.log)
-    corpus = lm_corpus(cfg["sentences"])
+    lab = Lab(NAME, opts.out, cfg, progress=opts.progress, log=opts.log,
+              grid_keys=("seeds",))
+    corpus = lm_corpus(cfg["sentences"], max_vocab=cfg["max_vocab"])
     ids = corpus["ids"]
 
     def compute(p: dict) -> dict:
@@ -91,13 +94,15 @@ def run(opts):
     fig = plot(cfg, runs, lab.figure_path("warmup.png"))
     conclusion = conclude(cfg, summary)
     rows = ["| method | loss at update 1 | mean loss, first quarter | final loss (last 10%) "
-            "| largest update / norm | diverged | lagged |", "|---|---|---|---|---|---|---|"]
+            "| largest update / norm | diverged | lagged | spiked above update 1 |",
+            "|---|---|---|---|---|---|---|---|"]
     for m in METHODS:
         s = summary[m]
         rows.append(f"| {m} | {fmt(s['first_loss'])} | {fmt(s['early_loss'])} +- "
                     f"{fmt(s['early_loss_std'])} | {fmt(s['final_loss'])} +- "
                     f"{fmt(s['final_loss_std'])} | {s['max_rel_update']:.3e} | "
-                    f"{s['diverged_seeds']}/{len(runs[m])} | {'yes' if s['lagged'] else 'no'} |")
+                    f"{s['diverged_seeds']}/{len(runs[m])} | {'yes' if s['lagged'] else 'no'} | "
+                    f"{s['spiked_seeds']}/{len(runs[m])} |")
     lab.write_report(
         title="Warmup, RAdam and the variance of Adam's adaptive learning rate",
         claim="the adaptive learning rate has a large variance in the first steps; without "
@@ -123,7 +128,10 @@ def analyse(runs: dict) -> dict:
                   or mean(r["losses"][-tail:]) > r["losses"][0])
         v = [r["var_log_adaptive_lr"] for r in rs]
         k = min(len(x) for x in v)
+        spikes = [max(r["losses"][1:], default=float("-inf")) - r["losses"][0] for r in rs]
         out[m] = {"first_loss": mean([r["losses"][0] for r in rs]), "early_loss": mean(early),
+                  "spiked_seeds": sum(1 for x in spikes if x > 0),
+                  "worst_spike": max(spikes),
                   "early_loss_std": std(early), "final_loss": mean(final),
                   "final_loss_std": std(final), "diverged_seeds": div,
                   "max_rel_update": mean([max(r["rel_update"]) for r in rs]),
@@ -151,11 +159,17 @@ def conclude(cfg: dict, s: dict) -> str:
                                        for m in diverged) if diverged else "none") + ". ")
     text += ("Lagged (early loss over 2% above the best): " +
              (", ".join(lagged) if lagged else "none") + ". ")
+    spiked = [m for m in METHODS if s[m]["spiked_seeds"]]
+    text += ("Loss spiked above its value at update 1: " +
+             (", ".join(f"{m} ({s[m]['spiked_seeds']} seed(s), by up to "
+                        f"{s[m]['worst_spike']:.2f} nats)" for m in spiked)
+              if spiked else "none") + ". ")
     best_final = min(METHODS, key=lambda m: s[m]["final_loss"])
     text += f"Lowest final loss: {best_final}."
     if not diverged and "adam" not in lagged:
-        text += (f" At lr {cfg['lr']:g} Adam without warmup neither diverged nor lagged here, "
-                 f"so this run does not show warmup to be necessary.")
+        text += (f" At lr {cfg['lr']:g} Adam without warmup neither diverged nor lagged "
+                 f"here" + (", but its loss spiked early" if "adam" in spiked else
+                            ", so this run does not show warmup to be necessary") + ".")
     return text
 
 

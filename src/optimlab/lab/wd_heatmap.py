@@ -48,7 +48,7 @@ QUICK = dict(n_train=400, n_dev=300, epochs=25, batch_size=100, seeds=3,
 FULL = dict(n_train=None, n_dev=None, epochs=10, batch_size=64, seeds=3,
             lrs=[3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
             wds={"decoupled": [1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1, 3, 10],
-                 "independent": [1e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2]})
+                 "independent": [1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]})
 
 
 def config(opts) -> dict:
@@ -76,7 +76,8 @@ def config(opts) -> dict:
 
 def run(opts):
     cfg = config(opts)
-    lab = Lab(NAME, opts.out, cfg, progress=opts.progress, log=opts.log)
+    lab = Lab(NAME, opts.out, cfg, progress=opts.progress, log=opts.log,
+              grid_keys=("lrs", "wds", "seeds"))
     data = sst_features(cfg["n_train"], cfg["n_dev"], opts.cache, progress=opts.progress)
     n, dim = data["train_x"].shape
     seeds = list(range(cfg["seeds"]))
@@ -193,6 +194,12 @@ def conclude(cfg: dict, s: dict) -> str:
     else:
         verdict = (f"The claim is not clearly confirmed here: edge slopes {ds:.2f} (coupled) vs "
                    f"{is_:.2f} (independent), where the claim predicts about -1 vs 0.")
+    edges = [f"`{m}` at lr {lr:g}" for m in MODES for lr, b in zip(cfg["lrs"], s[m]["best_wd"])
+             if b is not None and b == max(cfg["wds"][m]) and len(cfg["wds"][m]) > 2]
+    if edges:
+        verdict += (" Caveat: the best weight decay is the largest of the grid for " +
+                    ", ".join(edges) + ", so the optimum there may lie beyond it (widen "
+                    "--wds/--wds-independent).")
     return text + verdict
 
 
