@@ -16,7 +16,7 @@ import torch
 
 import optimlab
 from optimlab import compat
-from tests.helpers import max_param_diff, max_state_diff, run_lockstep
+from tests.helpers import (IMPLS, max_param_diff, max_state_diff, run_lockstep, with_impl)
 
 TOL = {torch.float32: 1e-6, torch.float64: 1e-12}
 ADAM_KEYS = {"step": "step", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq",
@@ -159,12 +159,14 @@ for kw in [dict(), dict(lr=1e-2, weight_decay=0.05), dict(lr=1e-2, weight_decay=
     ]
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("name,ours,ref", CASES, ids=[f"{i}-{c[0]}" for i, c in enumerate(CASES)])
-def test_parity(name, ours, ref, dtype):
-    pa, oa, pb, ob = run_lockstep(ours, ref, dtype=dtype, schedule=True)
-    assert max_param_diff(pa, pb) <= TOL[dtype]
-    assert max_state_diff(oa, pa, ob, pb, ADAM_KEYS) <= TOL[dtype]
+def test_parity(name, ours, ref, dtype, impl):
+    pa, oa, pb, ob = run_lockstep(with_impl(ours, impl), ref, dtype=dtype, schedule=True)
+    assert max_param_diff(pa, pb, scaled=impl != "reference") <= TOL[dtype]
+    assert max_state_diff(oa, pa, ob, pb, ADAM_KEYS,
+                          scaled=impl != "reference") <= TOL[dtype]
     assert oa.state[pa[0]]["step"] == 500
 
 

@@ -194,6 +194,36 @@ def test_own_files(tiny, tmp_path, capsys):
     assert [r for r, _ in test] == [f"x{i}" for i in range(5)]
 
 
+def test_a_gpt2_checkpoint_directory(tmp_path, capsys):
+    """A Hugging Face GPT-2 folder (config.json, model.safetensors, vocab.json + merges.txt)
+    trains through the same command: last-token pooling, the loss goes down."""
+    transformers = pytest.importorskip("transformers")
+    import tokenizers as tk
+    texts = [r.text for r in load_split("sst", "train")[:400]]
+    bpe = tk.Tokenizer(tk.models.BPE())
+    bpe.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(texts, tk.trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet()))
+    model_dir = tmp_path / "tiny-gpt2"
+    model_dir.mkdir()
+    bpe.model.save(str(model_dir))                              # vocab.json + merges.txt
+    cfg = transformers.GPT2Config(vocab_size=bpe.get_vocab_size(), n_positions=128, n_embd=32,
+                                  n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    transformers.GPT2Model(cfg).save_pretrained(str(model_dir))
+    out = tmp_path / "run"
+    code, printed, err = _cli(["train", "--model-dir", model_dir, "--max-train-samples", 64,
+                         "--max-eval-samples", 16, "--batch-size", 8, "--epochs", 3,
+                         "--lr", "3e-3", "--no-progress", "--out", out], capsys)
+    assert code == 0, err
+    m = _metrics(out)
+    assert f"gpt2 from {model_dir}" in printed + err and m["num_labels"] == 5
+    assert m["parameters"]["trained"] == m["parameters"]["total"]
+    losses = [e["train_loss"] for e in m["epochs"]]
+    assert losses[-1] < losses[0], losses
+    assert len(_read_predictions(out / "predictions" / "full-model-sst-test-out.csv")) == 16
+
+
 # ------------------------------------------------------------------ resume: exactly the same run
 def test_resume_after_two_interruptions_is_bit_identical(tiny, reference, tmp_path, capsys):
     run = tmp_path / "run"

@@ -34,7 +34,32 @@
 * **The optimizer shell** (`Optimizer`): gathers the parameters that have gradients, enforces
   the non-finite-gradient policy, keeps ``initial_lr`` in each group, and loads state dicts
   with a documented dtype/device policy.  Subclasses supply `_init_state` and `_update_param`
-  (or a faster `_update_group`).
+  (the per-tensor reference kernel), `_foreach_update` (multi-tensor) and `_fused_update`.
+
+* **The implementation** (``impl``, one option shared by every optimizer), torch.optim's three
+  layers:
+
+  ==============  ==========================================================================
+  ``impl``        what runs
+  ==============  ==========================================================================
+  ``reference``   the readable per-tensor kernel (``adam_update``, ``sgd_update``, ...), one
+                  tensor at a time: the ground truth the other two are tested against
+  ``foreach``     multi-tensor ``torch._foreach_*`` kernels on each bucket of tensors that
+                  share a device and dtypes (parameter, gradient and state dtypes)
+  ``fused``       one fused kernel per bucket: optimlab's compiled CPU kernels (`optimlab._ext`,
+                  one pass over memory per step) or, for the Adam family, torch's own
+                  ``_fused_adam_``/``_fused_adamw_`` with transformed scalars (CPU and CUDA).
+                  A bucket no fused kernel takes raises RuntimeError saying why.
+  ``auto``        (default) ``fused`` where a fused kernel takes the bucket; else ``foreach``
+                  on accelerators and ``reference`` on CPU, where torch's foreach kernels are
+                  per-tensor loops themselves (and, in float16/bfloat16, round scalar operands
+                  to the tensor dtype, unlike the per-tensor ops)
+  ==============  ==========================================================================
+
+  All three give the same parameters and state up to float rounding (tests/test_fast_paths.py
+  states the tolerances); the state layout is the same, so a state dict saved under one
+  implementation resumes under another.  ``optimizer.last_step_impls`` names the kernels the
+  last step ran (``"reference"``, ``"foreach"``, ``"fused-cpu"``, ``"torch-fused"``).
 """
 
 from __future__ import annotations
@@ -49,6 +74,7 @@ import torch
 WD_MODES = ("l2", "decoupled", "independent")
 EPS_PLACEMENTS = ("sqrt_v_hat", "sqrt_v")
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
+IMPLS = ("auto", "reference", "foreach", "fused")
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -143,15 +169,98 @@ def decay_after_update(p: torch.Tensor, group: dict) -> None:
 
 # --------------------------------------------------------------------------- helpers
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
-    """True when no tensor holds inf or NaN: one max-abs reduction per device, one sync."""
+    """True when no tensor holds inf or NaN.  One read of the tensors: on CPU by optimlab's
+    kernel (a bit test of the exponent, all tensors in one parallel pass), else with one
+    multi-tensor reduction per device and one sync."""
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for t in tensors:
         by_device.setdefault(t.device, []).append(t)
-    for ts in by_device.values():
-        norms = torch._foreach_norm(ts, float("inf"))
-        if not bool(torch.stack([n.float() for n in norms]).isfinite().all()):
-            return False
+    for device, ts in by_device.items():
+        if device.type == "cpu":
+            from . import _ext
+            ok = _ext.all_finite(ts)
+            if ok is None:
+                # the 2-norm is a fast vectorized reduction; it is finite only if every element
+                # is, and may overflow for finite elements: then check exactly
+                norms = torch._foreach_norm(ts, 2)
+                ok = bool(torch.stack([n.float() for n in norms]).isfinite().all())
+                if not ok:
+                    ok = all(bool(torch.isfinite(t).all()) for t in ts)
+            if not ok:
+                return False
+        else:
+            norms = torch._foreach_norm(ts, float("inf"))
+            if not bool(torch.stack([n.float() for n in norms]).isfinite().all()):
+                return False
     return True
+
+
+class NoFusedKernel(Exception):
+    """Raised by `Optimizer._fused_update` when no fused kernel takes a bucket of tensors; the
+    message says why.  ``impl="auto"`` then runs ``foreach``; ``impl="fused"`` re-raises it as
+    a RuntimeError."""
+
+
+def _flat(p: torch.Tensor, tensors) -> bool:
+    """The gradient and the full-size state tensors lay out their elements as ``p`` does
+    (all contiguous, or dense with equal strides): element-wise kernels may treat them as flat
+    arrays."""
+    if p.is_contiguous() and all(t.is_contiguous() for t in tensors):
+        return True
+    from ._ext import dense
+    return dense(p) and all(dense(t, p) for t in tensors)
+
+
+def bucket_tensors(params: Sequence[torch.Tensor], states: Sequence[dict]
+                   ) -> dict[tuple, list[int]]:
+    """Indices of ``params`` grouped by device, parameter and gradient dtype, the (key, dtype)
+    of every tensor in the state, and whether the gradient and state are laid out as the
+    parameter: the tensors one multi-tensor or fused kernel call can take together (so one
+    oddly strided gradient does not keep its neighbours off the fused kernel)."""
+    buckets: dict[tuple, list[int]] = {}
+    for i, (p, st) in enumerate(zip(params, states)):
+        tensors = [v for v in st.values() if isinstance(v, torch.Tensor)]
+        key = (p.device, p.dtype, p.grad.dtype, tuple((k, v.dtype) for k, v in st.items()
+                                                       if isinstance(v, torch.Tensor)),
+               _flat(p, [p.grad] + [t for t in tensors if t.shape == p.shape]))
+        buckets.setdefault(key, []).append(i)
+    return buckets
+
+
+def foreach_grads_with_decay(params: list[torch.Tensor], grads: list[torch.Tensor],
+                             group: dict) -> list[torch.Tensor]:
+    """`grad_with_decay` for a list of tensors (multi-tensor kernels)."""
+    if group.get("maximize", False):
+        grads = torch._foreach_neg(grads)
+    wd = group["weight_decay"]
+    if wd != 0:
+        if group["wd_mode"] == "l2":
+            grads = torch._foreach_add(grads, params, alpha=wd)
+        elif not group.get("wd_after_update", False):
+            torch._foreach_mul_(params, 1 - decay_multiplier(group) * wd)
+    return grads
+
+
+def foreach_decay_after_update(params: list[torch.Tensor], group: dict) -> None:
+    """`decay_after_update` for a list of tensors."""
+    wd = group["weight_decay"]
+    if wd != 0 and group["wd_mode"] != "l2" and group.get("wd_after_update", False):
+        torch._foreach_add_(params, params, alpha=-decay_multiplier(group) * wd)
+
+
+def fused_decay_scalars(group: dict) -> tuple[float, float, float]:
+    """(wd_l2, pre_mul, post_alpha) for the fused kernels: the L2 coefficient added to the
+    gradient, the factor theta_{t-1} is multiplied by before the step, and alpha in the
+    after-update decay theta <- theta + alpha * theta."""
+    wd = group["weight_decay"]
+    if wd == 0:
+        return 0.0, 1.0, 0.0
+    if group["wd_mode"] == "l2":
+        return wd, 1.0, 0.0
+    f = decay_multiplier(group) * wd
+    if group.get("wd_after_update", False):
+        return 0.0, 1.0, -f
+    return 0.0, 1 - f, 0.0
 
 
 def _shape(t: Any) -> tuple | None:
@@ -173,6 +282,12 @@ class Optimizer(torch.optim.Optimizer):
         scaled steps, applied to every step, so one bad batch cannot poison the moments.
       * ``"raise"``: raise FloatingPointError, again before anything changes.
       * ``"ignore"``: no check (torch.optim's behaviour; saves one read of the gradients).
+    The check reads every gradient once before anything is written (a step that may be
+    skipped cannot start writing), so it costs one extra read of the gradients per step: on
+    CPU one parallel pass of optimlab's kernel (about 4 of AdamW's 28 bytes per parameter).
+
+    Implementation (``impl=``): ``"auto"`` (default), ``"reference"``, ``"foreach"`` or
+    ``"fused"``; see the module docstring.  ``last_step_impls`` names what the last step ran.
 
     ``load_state_dict`` policy: state tensors keep the dtype they were saved with (fp32
     moments of bf16 parameters stay fp32; bf16 moments stay bf16) and move to their
@@ -182,10 +297,24 @@ class Optimizer(torch.optim.Optimizer):
     from this optimizer's (group sizes, tensor shapes, state keys) raises ValueError.
     """
 
-    def __init__(self, params, defaults: dict, *, nonfinite: str = "skip"):
+    def __init__(self, params, defaults: dict, *, nonfinite: str = "skip", impl: str = "auto"):
         self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        self.impl = check_choice("impl", impl, IMPLS)
         self.skipped_steps = 0
+        self.last_step_impls: tuple[str, ...] = ()
+        self._used: set[str] = set()
         super().__init__(params, defaults)
+
+    def __getstate__(self) -> dict:             # copy/pickle keep optimlab's own settings
+        state = super().__getstate__()
+        state.update(nonfinite=self.nonfinite, impl=self.impl, skipped_steps=self.skipped_steps)
+        return state
+
+    def __setstate__(self, state: dict) -> None:    # also called by load_state_dict
+        super().__setstate__(state)
+        for key, value in (("nonfinite", "skip"), ("impl", "auto"), ("skipped_steps", 0),
+                           ("last_step_impls", ()), ("_used", set())):
+            self.__dict__.setdefault(key, value)
 
     # groups remember the lr they started with, as torch's schedulers do
     def add_param_group(self, param_group: dict) -> None:
@@ -204,16 +333,57 @@ class Optimizer(torch.optim.Optimizer):
     def _update_param(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
         raise NotImplementedError
 
+    def _foreach_update(self, group: dict, params: list[torch.Tensor], states: list[dict]) -> None:
+        """Multi-tensor update of one bucket (same device and dtypes); default: the reference."""
+        for p, state in zip(params, states):
+            self._update_param(p, p.grad, state, group)
+
+    def _fused_update(self, group: dict, params: list[torch.Tensor], states: list[dict]) -> str:
+        """Fused update of one bucket; returns the kernel's name, or raises `NoFusedKernel`."""
+        raise NoFusedKernel(f"{type(self).__name__} has no fused kernel")
+
     def _update_group(self, group: dict, params: list[torch.Tensor]) -> None:
+        states = []
         for p in params:
             state = self.state[p]
             if not state:
                 state.update(self._init_state(p, group))
-            self._update_param(p, p.grad, state, group)
+            states.append(state)
+        if self.impl == "reference":
+            for p, state in zip(params, states):
+                self._update_param(p, p.grad, state, group)
+            self._used.add("reference")
+            return
+        for idx in bucket_tensors(params, states).values():
+            ps, sts = [params[i] for i in idx], [states[i] for i in idx]
+            if self.impl in ("auto", "fused"):
+                try:
+                    self._used.add(self._fused_update(group, ps, sts))
+                    continue
+                except NoFusedKernel as e:
+                    if self.impl == "fused":
+                        raise RuntimeError(f"{type(self).__name__}(impl='fused'): {e}; use "
+                                           "impl='auto' to fall back to foreach") from None
+            if self.impl == "foreach" or ps[0].device.type != "cpu":
+                self._foreach_update(group, ps, sts)
+                self._used.add("foreach")
+            else:   # auto on CPU: torch's CPU foreach kernels are per-tensor loops anyway
+                for p, state in zip(ps, sts):
+                    self._update_param(p, p.grad, state, group)
+                self._used.add("reference")
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None):
-        """Perform one optimization step; returns the closure's loss (or None)."""
+    def step(self, closure: Callable[[], Any] | None = None, *,
+             grad_norm: float | torch.Tensor | None = None):
+        """Perform one optimization step; returns the closure's loss (or None).
+
+        ``grad_norm``: the total norm of this step's gradients over all of this optimizer's
+        parameters, where the training loop has computed it anyway (it is what
+        ``torch.nn.utils.clip_grad_norm_`` returns).  A finite norm proves every gradient
+        finite (an inf or NaN element makes any p-norm inf or NaN), so the non-finite check
+        does not read the gradients a second time; a non-finite norm (which finite gradients
+        can also give, by overflow) leads to the exact check.  Results are the same either way.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -230,7 +400,9 @@ class Optimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
             work.append((group, params))
             grads.extend(p.grad for p in params)
-        if self.nonfinite != "ignore" and grads and not all_finite(grads):
+        if self.nonfinite != "ignore" and grads and not (
+                (grad_norm is not None and math.isfinite(float(grad_norm)))
+                or all_finite(grads)):
             msg = f"{type(self).__name__}: a gradient holds inf or NaN"
             if self.nonfinite == "raise":
                 raise FloatingPointError(msg + " (nonfinite='raise')")
@@ -238,9 +410,11 @@ class Optimizer(torch.optim.Optimizer):
             warnings.warn(msg + "; the step was skipped (nonfinite='skip')", RuntimeWarning,
                           stacklevel=2)
             return loss
+        self._used: set[str] = set()
         for group, params in work:
             if params:
                 self._update_group(group, params)
+        self.last_step_impls = tuple(sorted(self._used))
         return loss
 
     # --- state dict -----------------------------------------------------------------------

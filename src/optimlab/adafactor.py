@@ -138,10 +138,12 @@ import math
 
 import torch
 
-from ._common import (Optimizer, check_choice, check_range, check_weight_decay,
+from . import _ext
+from ._common import (NoFusedKernel, Optimizer, check_choice, check_range, check_weight_decay,
                       decay_multiplier)
 
-__all__ = ["Adafactor", "adafactor_update", "EPS1_PLACEMENTS", "MOMENTUM_OF", "DECAY_SCALES"]
+__all__ = ["Adafactor", "adafactor_update", "adafactor_update_foreach", "EPS1_PLACEMENTS",
+           "MOMENTUM_OF", "DECAY_SCALES"]
 
 EPS1_PLACEMENTS = ("grad_sq", "clamp")
 MOMENTUM_OF = ("scaled_update", "update")
@@ -254,6 +256,114 @@ def adafactor_update(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor | N
         shrink()
 
 
+def adafactor_update_foreach(ps: list[torch.Tensor], gs: list[torch.Tensor],
+                             exp_avgs: list[torch.Tensor | None],
+                             rows: list[torch.Tensor | None], cols: list[torch.Tensor | None],
+                             vs: list[torch.Tensor | None], *, steps: list[int],
+                             rhos: list[float], scale_parameter: bool, eps1: float, eps2: float,
+                             eps1_placement: str, clip_threshold: float, decay_rate: float,
+                             beta1: float | None, momentum_of: str, weight_decay: float,
+                             decay_factor: float | None, wd_after_update: bool) -> None:
+    """`adafactor_update` on lists of tensors that share a device and dtypes: the same
+    arithmetic, with the whole-tensor norms (RMS of theta, RMS of U) taken by one
+    multi-tensor reduction each, the element-wise steps by ``torch._foreach_*`` kernels, and,
+    in the ``"clamp"`` layout, one host sync per reduction instead of one per tensor.  The
+    row/column reductions stay per tensor (their shapes differ)."""
+    fairseq = eps1_placement == "grad_sq"
+    ns = [p.numel() for p in ps]
+    k = range(len(ps))
+    if not scale_parameter:
+        alphas = list(rhos)
+    elif fairseq:
+        norms = torch._foreach_norm(ps, 2)
+        alphas = [max(eps2, norms[i] / (ns[i] ** 0.5)) * rhos[i] for i in k]
+    else:
+        norms = torch.stack(torch._foreach_norm(ps, 2)).tolist()
+        alphas = [max(eps2, norms[i] / (ns[i] ** 0.5)) * rhos[i] for i in k]
+
+    def shrink() -> None:
+        if weight_decay == 0:
+            return
+        if decay_factor is None:
+            for p, a in zip(ps, alphas):
+                p.add_(p, alpha=-weight_decay * a)
+        else:
+            torch._foreach_mul_(ps, 1 - decay_factor * weight_decay)
+
+    if not wd_after_update:
+        shrink()
+
+    us: list[torch.Tensor] = [None] * len(ps)        # type: ignore[list-item]
+    if fairseq:
+        sq = torch._foreach_mul(gs, gs)
+        torch._foreach_add_(sq, eps1)
+        for i in k:
+            beta2 = 1.0 - math.pow(steps[i], decay_rate)
+            if rows[i] is not None:
+                rows[i].mul_(beta2).add_(sq[i].mean(dim=-1), alpha=1.0 - beta2)
+                cols[i].mul_(beta2).add_(sq[i].mean(dim=-2), alpha=1.0 - beta2)
+                r_factor = (rows[i] / rows[i].mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+                us[i] = torch.mul(r_factor, cols[i].unsqueeze(-2).rsqrt())
+            else:
+                vs[i].mul_(beta2).add_(sq[i], alpha=1.0 - beta2)
+                us[i] = vs[i].rsqrt()
+        torch._foreach_mul_(us, gs)
+        norms_u = torch._foreach_norm(us, 2)
+        torch._foreach_div_(us, [(norms_u[i] / (ns[i] ** 0.5) / clip_threshold).clamp_(min=1.0)
+                                 for i in k])
+        if beta1 is None:
+            for i in k:
+                ps[i].sub_(us[i].mul_(alphas[i]))
+        elif momentum_of == "scaled_update":
+            for i in k:
+                us[i].mul_(alphas[i])
+            torch._foreach_mul_(exp_avgs, beta1)
+            torch._foreach_add_(exp_avgs, us, alpha=1.0 - beta1)
+            torch._foreach_sub_(ps, exp_avgs)
+        else:
+            torch._foreach_mul_(exp_avgs, beta1)
+            torch._foreach_add_(exp_avgs, us, alpha=1.0 - beta1)
+            for i in k:
+                ps[i].sub_(exp_avgs[i] * alphas[i])
+    else:
+        for i in k:
+            weight = math.pow(steps[i], decay_rate)
+            g = gs[i]
+            if rows[i] is not None:
+                rows[i].lerp_(torch.linalg.vector_norm(g, dim=-1).square_().div_(g.size(-1)),
+                              weight)
+                cols[i].lerp_(torch.linalg.vector_norm(g, dim=-2).square_().div_(g.size(-2)),
+                              weight)
+                r = rows[i].unsqueeze(-1)
+                var = r @ cols[i].unsqueeze(-2)
+                us[i] = var.div_(r.mean(dim=-2, keepdim=True).clamp_(min=eps1))
+            else:
+                vs[i].lerp_(g * g, weight)
+                us[i] = vs[i].clone()
+        torch._foreach_clamp_min_(us, eps1 * eps1)
+        torch._foreach_rsqrt_(us)
+        torch._foreach_mul_(us, gs)
+        norms_u = torch.stack(torch._foreach_norm(us, 2)).tolist()
+        clips = [max(1.0, norms_u[i] / ((ns[i] ** 0.5) * clip_threshold)) for i in k]
+        # per-tensor step sizes: one fused multiply-add per tensor, as the reference
+        if beta1 is None:
+            for i in k:
+                ps[i].add_(us[i], alpha=-alphas[i] / clips[i])
+        elif momentum_of == "scaled_update":
+            torch._foreach_mul_(exp_avgs, beta1)
+            for i in k:
+                exp_avgs[i].add_(us[i], alpha=(1.0 - beta1) * alphas[i] / clips[i])
+            torch._foreach_sub_(ps, exp_avgs)
+        else:
+            torch._foreach_mul_(exp_avgs, beta1)
+            for i in k:
+                exp_avgs[i].add_(us[i], alpha=(1.0 - beta1) / clips[i])
+                ps[i].add_(exp_avgs[i], alpha=-alphas[i])
+
+    if wd_after_update:
+        shrink()
+
+
 class Adafactor(Optimizer):
     r"""Adafactor with every published choice named (see the module docstring for the math).
 
@@ -280,6 +390,10 @@ class Adafactor(Optimizer):
         upcast: update bf16/fp16 parameters in fp32 with fp32 state (default True).
         maximize: ascend instead of descend.
         nonfinite: ``"skip"``, ``"raise"`` or ``"ignore"`` (see `optimlab._common.Optimizer`).
+        impl: ``"auto"``, ``"reference"``, ``"foreach"`` or ``"fused"`` (see `optimlab._common`).
+            The fused CPU kernel (fp32/fp64 weights with state in the same dtype) reads each
+            tensor in three passes: RMS(theta) with the row/column means of G^2; RMS(U) for the
+            clipping; the update.  bf16 weights with ``upcast`` run ``foreach``.
 
     State per parameter: ``step`` (int); ``exp_avg`` (m, only when beta1 is not None);
     ``exp_avg_sq_row`` (shape[:-1]) and ``exp_avg_sq_col`` (shape[:-2] + shape[-1:]) for
@@ -296,7 +410,7 @@ class Adafactor(Optimizer):
                  warmup_init: bool = False, eps1_placement: str = "grad_sq",
                  momentum_of: str = "scaled_update", decay_scale: str = "lr",
                  wd_after_update: bool = False, upcast: bool = True, maximize: bool = False,
-                 nonfinite: str = "skip"):
+                 nonfinite: str = "skip", impl: str = "auto"):
         defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate,
                         beta1=beta1, weight_decay=weight_decay, wd_mode=wd_mode,
                         scale_parameter=bool(scale_parameter),
@@ -305,7 +419,7 @@ class Adafactor(Optimizer):
                         decay_scale=decay_scale, wd_after_update=bool(wd_after_update),
                         upcast=bool(upcast), maximize=bool(maximize))
         self._check_group(defaults)
-        super().__init__(params, defaults, nonfinite=nonfinite)
+        super().__init__(params, defaults, nonfinite=nonfinite, impl=impl)
 
     def _check_group(self, group: dict) -> None:
         group["lr"] = check_range("lr", group["lr"], 0.0)    # a 1-element tensor -> float
@@ -352,17 +466,19 @@ class Adafactor(Optimizer):
         eps1 = group["eps"][0]
         if eps1 is None:           # torch.optim's rule: the first parameter's dtype, group-wide
             eps1 = torch.finfo(params[0].dtype).eps
-        for p in params:
-            state = self.state[p]
-            if not state:
-                state.update(self._init_state(p, group))
-            self._update_param(p, p.grad, state, group, eps1=eps1)
+        self._group_eps1 = eps1
+        try:
+            super()._update_group(group, params)
+        finally:
+            self._group_eps1 = None
 
     def _update_param(self, p, grad, state, group, *, eps1: float | None = None) -> None:
         state["step"] += 1
         step = state["step"]
         if p.numel() == 0:
             return
+        if eps1 is None:
+            eps1 = getattr(self, "_group_eps1", None)
         if eps1 is None:
             eps1 = group["eps"][0]
             if eps1 is None:
@@ -391,3 +507,85 @@ class Adafactor(Optimizer):
             wd_after_update=group["wd_after_update"])
         if work is not p:
             p.copy_(work)
+
+    def _decay(self, group: dict) -> tuple[float, float | None, float]:
+        """(weight_decay for the shrink, its factor f (None: alpha_t), the L2 coefficient)."""
+        wd = group["weight_decay"]
+        if wd != 0 and group["wd_mode"] == "l2":
+            return 0.0, None, wd
+        return wd, (decay_multiplier(group) if group["decay_scale"] == "lr" else None), 0.0
+
+    def _foreach_update(self, group, params, states) -> None:
+        for state in states:
+            state["step"] += 1
+        live = [i for i, p in enumerate(params) if p.numel() > 0]
+        if not live:
+            return
+        params, states = [params[i] for i in live], [states[i] for i in live]
+        st0 = states[0]
+        dtype = st0["exp_avg_sq_row" if "exp_avg_sq_row" in st0 else "exp_avg_sq"].dtype
+        works = [p if dtype == p.dtype else p.to(dtype) for p in params]
+        grads = [p.grad.to(dtype) for p in params]
+        if group["maximize"]:
+            grads = torch._foreach_neg(grads)
+        wd, decay_factor, wd_l2 = self._decay(group)
+        if wd_l2 != 0:
+            grads = torch._foreach_add(grads, works, alpha=wd_l2)
+        steps = [s["step"] for s in states]
+        adafactor_update_foreach(
+            works, grads, [s.get("exp_avg") for s in states],
+            [s.get("exp_avg_sq_row") for s in states], [s.get("exp_avg_sq_col") for s in states],
+            [s.get("exp_avg_sq") for s in states], steps=steps,
+            rhos=[relative_step_size(t, group["lr"], group["relative_step"], group["warmup_init"])
+                  for t in steps],
+            scale_parameter=group["scale_parameter"], eps1=self._group_eps1,
+            eps2=group["eps"][1], eps1_placement=group["eps1_placement"],
+            clip_threshold=group["clip_threshold"], decay_rate=group["decay_rate"],
+            beta1=group["beta1"], momentum_of=group["momentum_of"], weight_decay=wd,
+            decay_factor=decay_factor, wd_after_update=group["wd_after_update"])
+        for p, w in zip(params, works):
+            if w is not p:
+                p.copy_(w)
+
+    def _fused_update(self, group, params, states) -> str:
+        p0, st0 = params[0], states[0]
+        code = {torch.float32: 0, torch.float64: 2}.get(p0.dtype)
+        tensors = [k for k in ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq")
+                   if k in st0]
+        if p0.device.type != "cpu" or code is None or not _ext.available() or \
+                any(st0[k].dtype != p0.dtype for k in tensors):
+            raise NoFusedKernel(f"no fused Adafactor kernel for {p0.dtype} on {p0.device.type} "
+                                f"with {st0[tensors[-1]].dtype} state (optimlab's CPU kernels: "
+                                f"fp32/fp64 weights and state; available: {_ext.available()})")
+        for p, st in zip(params, states):
+            if not (p.is_contiguous() and p.grad.is_contiguous()
+                    and all(st[k].is_contiguous() for k in tensors)):
+                raise NoFusedKernel("the fused Adafactor kernel needs contiguous tensors")
+        slots = []
+        for p, st in zip(params, states):
+            st["step"] += 1
+            shape = p.shape
+            if "exp_avg_sq_row" in st:
+                batches = 1
+                for d in shape[:-2]:
+                    batches *= d
+                geometry = (batches, shape[-2], shape[-1])
+            else:
+                geometry = (1, p.numel(), 0)
+            slots += (p.data_ptr(), p.grad.data_ptr(),
+                      st["exp_avg"].data_ptr() if "exp_avg" in st else 0,
+                      st["exp_avg_sq_row"].data_ptr() if "exp_avg_sq_row" in st else 0,
+                      st["exp_avg_sq_col"].data_ptr() if "exp_avg_sq_col" in st else 0,
+                      st["exp_avg_sq"].data_ptr() if "exp_avg_sq" in st else 0,
+                      *geometry, st["step"])
+        wd, decay_factor, wd_l2 = self._decay(group)
+        nan = float("nan")
+        beta1 = group["beta1"]
+        _ext.call("adafactor", code, slots, 10, (
+            group["lr"], self._group_eps1, group["eps"][1], group["clip_threshold"],
+            group["decay_rate"], nan if beta1 is None else beta1, wd,
+            nan if decay_factor is None else decay_factor, wd_l2, group["wd_after_update"],
+            group["scale_parameter"], group["relative_step"], group["warmup_init"],
+            group["eps1_placement"] == "grad_sq", group["momentum_of"] == "update",
+            group["maximize"]))
+        return "fused-cpu"

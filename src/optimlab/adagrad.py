@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (Optimizer, check_range, check_weight_decay, decay_after_update,
-                      grad_with_decay)
+from . import _ext
+from ._common import (NoFusedKernel, Optimizer, check_range, check_weight_decay,
+                      decay_after_update, foreach_decay_after_update, foreach_grads_with_decay,
+                      fused_decay_scalars, grad_with_decay)
 
-__all__ = ["AdaGrad", "adagrad_update"]
+__all__ = ["AdaGrad", "adagrad_update", "adagrad_update_foreach"]
 
 
 def adagrad_update(p: torch.Tensor, g: torch.Tensor, state_sum: torch.Tensor, *, step: int,
@@ -45,6 +47,17 @@ def adagrad_update(p: torch.Tensor, g: torch.Tensor, state_sum: torch.Tensor, *,
     state_sum.addcmul_(g, g, value=1)                           # s_t = s_{t-1} + g_t^2
     std = state_sum.sqrt().add_(eps)                            # sqrt(s_t) + delta
     p.addcdiv_(g, std, value=-clr)                              # theta_t
+
+
+def adagrad_update_foreach(params: list[torch.Tensor], grads: list[torch.Tensor],
+                           sums: list[torch.Tensor], *, steps: list[int], lr: float,
+                           lr_decay: float, eps: float) -> None:
+    """`adagrad_update` on lists of tensors that share a device and dtypes."""
+    clr = [lr / (1 + (t - 1) * lr_decay) for t in steps]
+    torch._foreach_addcmul_(sums, grads, grads, value=1)
+    std = torch._foreach_sqrt(sums)
+    torch._foreach_add_(std, eps)
+    torch._foreach_addcdiv_(params, grads, std, [-c for c in clr])
 
 
 class AdaGrad(Optimizer):
@@ -64,6 +77,8 @@ class AdaGrad(Optimizer):
             theta_{t-1}.
         maximize: ascend instead of descend.
         nonfinite: ``"skip"``, ``"raise"`` or ``"ignore"`` (see `optimlab._common.Optimizer`).
+        impl: ``"auto"``, ``"reference"``, ``"foreach"`` or ``"fused"`` (see `optimlab._common`;
+            fused: optimlab's CPU kernel, fp32/fp64).
 
     State per parameter: ``step`` (int) and ``sum`` (s_t): torch.optim's keys.  The state is
     created on a parameter's first step (torch creates it in the constructor); each group's
@@ -76,13 +91,13 @@ class AdaGrad(Optimizer):
     def __init__(self, params, lr: float = 1e-2, lr_decay: float = 0.0,
                  weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
                  eps: float = 1e-10, *, wd_mode: str = "l2", wd_after_update: bool = False,
-                 maximize: bool = False, nonfinite: str = "skip"):
+                 maximize: bool = False, nonfinite: str = "skip", impl: str = "auto"):
         defaults = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                         initial_accumulator_value=initial_accumulator_value, eps=eps,
                         wd_mode=wd_mode, wd_after_update=bool(wd_after_update),
                         maximize=bool(maximize))
         self._check_group(defaults)
-        super().__init__(params, defaults, nonfinite=nonfinite)
+        super().__init__(params, defaults, nonfinite=nonfinite, impl=impl)
 
     def _check_group(self, group: dict) -> None:
         check_range("lr", group["lr"], 0.0)
@@ -102,3 +117,30 @@ class AdaGrad(Optimizer):
         adagrad_update(p, grad, state["sum"], step=state["step"], lr=group["lr"],
                        lr_decay=group["lr_decay"], eps=group["eps"])
         decay_after_update(p, group)
+
+    def _foreach_update(self, group, params, states) -> None:
+        grads = foreach_grads_with_decay(params, [p.grad for p in params], group)
+        for state in states:
+            state["step"] += 1
+        adagrad_update_foreach(params, grads, [s["sum"] for s in states],
+                               steps=[s["step"] for s in states], lr=group["lr"],
+                               lr_decay=group["lr_decay"], eps=group["eps"])
+        foreach_decay_after_update(params, group)
+
+    def _fused_update(self, group, params, states) -> str:
+        p0 = params[0]
+        code = {torch.float32: 0, torch.float64: 2}.get(p0.dtype)
+        if p0.device.type != "cpu" or code is None or not _ext.available() or \
+                states[0]["sum"].dtype != p0.dtype or not _ext.same_layout(params, states, ("sum",)):
+            raise NoFusedKernel(f"no fused AdaGrad kernel for {p0.dtype} on {p0.device.type} "
+                                f"with {states[0]['sum'].dtype} state (optimlab's CPU kernels, "
+                                f"fp32/fp64; available: {_ext.available()})")
+        slots = []
+        for p, state in zip(params, states):
+            state["step"] += 1
+            slots += (p.data_ptr(), p.grad.data_ptr(), state["sum"].data_ptr(), p.numel(),
+                      state["step"])
+        wd_l2, pre, post = fused_decay_scalars(group)
+        _ext.call("adagrad", code, slots, 5, (group["lr"], group["lr_decay"], group["eps"],
+                                              wd_l2, pre, post, group["maximize"]))
+        return "fused-cpu"

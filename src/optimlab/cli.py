@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .train import add_arguments as add_train_arguments
     add_train_arguments(sub.add_parser(
         "train", help="fine-tune a pretrained transformer (default: MiniLM) on SST or CFIMDB"))
+    from .bench import add_arguments as add_bench_arguments
+    add_bench_arguments(sub.add_parser(
+        "bench", help="time every optimizer against torch.optim (GPT-2 small shapes, a small model)"))
 
     from .lab import add_arguments as add_lab_arguments
     add_lab_arguments(sub.add_parser(
@@ -63,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "train":
             from .train import main as train_main
             train_main(args)
+        elif args.command == "bench":
+            from .bench import main_args as bench_main
+            return bench_main(args)
         elif args.command == "lab":
             from .lab import main as lab_main
             lab_main(args)

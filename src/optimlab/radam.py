@@ -51,10 +51,13 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (EPS_PLACEMENTS, Optimizer, check_betas, check_choice, check_range,
-                      check_weight_decay, decay_after_update, grad_with_decay)
+from . import _ext
+from ._common import (EPS_PLACEMENTS, NoFusedKernel, Optimizer, check_betas, check_choice,
+                      check_range, check_weight_decay, decay_after_update,
+                      foreach_decay_after_update, foreach_grads_with_decay, fused_decay_scalars,
+                      grad_with_decay)
 
-__all__ = ["RAdam", "radam_update", "radam_rho"]
+__all__ = ["RAdam", "radam_update", "radam_update_foreach", "radam_rho"]
 
 
 def radam_rho(step: int, beta2: float) -> tuple[float, float]:
@@ -90,6 +93,48 @@ def radam_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Ten
         p.add_(m_hat * lr, alpha=-1.0)                          # theta -= alpha m^
 
 
+def radam_update_foreach(params: list[torch.Tensor], grads: list[torch.Tensor],
+                         ms: list[torch.Tensor], vs: list[torch.Tensor], *, steps: list[int],
+                         lr: float, beta1: float, beta2: float, eps: float, eps_placement: str,
+                         rho_threshold: float, degenerate_to_sgd: bool) -> None:
+    """`radam_update` on lists of tensors that share a device and dtypes; each tensor takes
+    the branch its own step selects."""
+    if grads[0].dtype != ms[0].dtype:
+        grads = [g.to(ms[0].dtype) for g in grads]
+    torch._foreach_lerp_(ms, grads, 1 - beta1)                                 # m_t
+    torch._foreach_mul_(vs, beta2)                                             # v_t
+    torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
+    bc1 = [1 - beta1 ** t for t in steps]
+    bc2 = [1 - beta2 ** t for t in steps]
+    m_hat = torch._foreach_div(ms, bc1)                                        # m^_t
+    rect, plain, r_t = [], [], []
+    for i, t in enumerate(steps):
+        rho_inf, rho_t = radam_rho(t, beta2)
+        if rho_t > rho_threshold:
+            rect.append(i)
+            r_t.append(((rho_t - 4) * (rho_t - 2) * rho_inf
+                        / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5)
+        elif degenerate_to_sgd:
+            plain.append(i)
+    if rect:
+        l_t = torch._foreach_sqrt([vs[i] for i in rect])
+        if eps_placement == "sqrt_v":                   # sqrt(1-beta2^t) / (sqrt(v)+eps)
+            torch._foreach_add_(l_t, eps)
+            torch._foreach_reciprocal_(l_t)
+            torch._foreach_mul_(l_t, [bc2[i] ** 0.5 for i in rect])
+        else:                                           # 1 / (sqrt(v^) + eps)
+            torch._foreach_div_(l_t, [bc2[i] ** 0.5 for i in rect])
+            torch._foreach_add_(l_t, eps)
+            torch._foreach_reciprocal_(l_t)
+        step = torch._foreach_mul([m_hat[i] for i in rect], lr)
+        torch._foreach_mul_(step, l_t)
+        torch._foreach_mul_(step, r_t)
+        torch._foreach_add_([params[i] for i in rect], step, alpha=-1.0)       # theta -= a r m^ l
+    if plain:
+        step = torch._foreach_mul([m_hat[i] for i in plain], lr)
+        torch._foreach_add_([params[i] for i in plain], step, alpha=-1.0)      # theta -= a m^
+
+
 class RAdam(Optimizer):
     r"""Rectified Adam (see the module docstring for the math, the thresholds and eps
     placements of the paper, torch and the authors' code, and the departures).
@@ -112,6 +157,8 @@ class RAdam(Optimizer):
             ``"sqrt_v_hat"``.
         maximize: ascend instead of descend.
         nonfinite: ``"skip"``, ``"raise"`` or ``"ignore"`` (see `optimlab._common.Optimizer`).
+        impl: ``"auto"``, ``"reference"``, ``"foreach"`` or ``"fused"`` (see `optimlab._common`;
+            fused: optimlab's CPU kernel, fp32/fp64).
 
     State per parameter (torch.optim's keys): ``step`` (int), ``exp_avg`` (m), ``exp_avg_sq`` (v).
 
@@ -124,13 +171,13 @@ class RAdam(Optimizer):
                  weight_decay: float = 0.0, *, wd_mode: str = "l2",
                  wd_after_update: bool = False, rho_threshold: float = 5.0,
                  degenerate_to_sgd: bool = True, eps_placement: str = "sqrt_v",
-                 maximize: bool = False, nonfinite: str = "skip"):
+                 maximize: bool = False, nonfinite: str = "skip", impl: str = "auto"):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         wd_mode=wd_mode, wd_after_update=bool(wd_after_update),
                         rho_threshold=rho_threshold, degenerate_to_sgd=bool(degenerate_to_sgd),
                         eps_placement=eps_placement, maximize=bool(maximize))
         self._check_group(defaults)
-        super().__init__(params, defaults, nonfinite=nonfinite)
+        super().__init__(params, defaults, nonfinite=nonfinite, impl=impl)
 
     def _check_group(self, group: dict) -> None:
         check_range("lr", group["lr"], 0.0)
@@ -155,3 +202,39 @@ class RAdam(Optimizer):
                      rho_threshold=group["rho_threshold"],
                      degenerate_to_sgd=group["degenerate_to_sgd"])
         decay_after_update(p, group)
+
+    def _foreach_update(self, group, params, states) -> None:
+        grads = foreach_grads_with_decay(params, [p.grad for p in params], group)
+        for state in states:
+            state["step"] += 1
+        beta1, beta2 = group["betas"]
+        radam_update_foreach(params, grads, [s["exp_avg"] for s in states],
+                             [s["exp_avg_sq"] for s in states],
+                             steps=[s["step"] for s in states], lr=group["lr"], beta1=beta1,
+                             beta2=beta2, eps=group["eps"], eps_placement=group["eps_placement"],
+                             rho_threshold=group["rho_threshold"],
+                             degenerate_to_sgd=group["degenerate_to_sgd"])
+        foreach_decay_after_update(params, group)
+
+    def _fused_update(self, group, params, states) -> str:
+        p0 = params[0]
+        code = {torch.float32: 0, torch.float64: 2}.get(p0.dtype)
+        keys = ("exp_avg", "exp_avg_sq")
+        if p0.device.type != "cpu" or code is None or not _ext.available() or \
+                any(states[0][k].dtype != p0.dtype for k in keys) or \
+                not _ext.same_layout(params, states, keys):
+            raise NoFusedKernel(f"no fused RAdam kernel for {p0.dtype} on {p0.device.type} "
+                                f"with this state (optimlab's CPU kernels, fp32/fp64; "
+                                f"available: {_ext.available()})")
+        slots = []
+        for p, state in zip(params, states):
+            state["step"] += 1
+            slots += (p.data_ptr(), p.grad.data_ptr(), state["exp_avg"].data_ptr(),
+                      state["exp_avg_sq"].data_ptr(), p.numel(), state["step"])
+        beta1, beta2 = group["betas"]
+        wd_l2, pre, post = fused_decay_scalars(group)
+        _ext.call("radam", code, slots, 6,
+                  (group["lr"], beta1, beta2, group["eps"], group["eps_placement"] == "sqrt_v_hat",
+                   group["rho_threshold"], group["degenerate_to_sgd"], wd_l2, pre, post,
+                   group["maximize"]))
+        return "fused-cpu"

@@ -39,10 +39,12 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (Optimizer, check_range, check_weight_decay, decay_after_update,
-                      grad_with_decay)
+from . import _ext
+from ._common import (NoFusedKernel, Optimizer, check_range, check_weight_decay,
+                      decay_after_update, foreach_decay_after_update, foreach_grads_with_decay,
+                      fused_decay_scalars, grad_with_decay)
 
-__all__ = ["RMSProp", "rmsprop_update"]
+__all__ = ["RMSProp", "rmsprop_update", "rmsprop_update_foreach"]
 
 
 def rmsprop_update(p: torch.Tensor, g: torch.Tensor, square_avg: torch.Tensor,
@@ -67,6 +69,30 @@ def rmsprop_update(p: torch.Tensor, g: torch.Tensor, square_avg: torch.Tensor,
         p.addcdiv_(g, avg, value=-lr)
 
 
+def rmsprop_update_foreach(params: list[torch.Tensor], grads: list[torch.Tensor],
+                           square_avgs: list[torch.Tensor], grad_avgs: list[torch.Tensor] | None,
+                           bufs: list[torch.Tensor] | None, *, lr: float, alpha: float,
+                           eps: float, momentum: float) -> None:
+    """`rmsprop_update` on lists of tensors that share a device and dtypes."""
+    if grads[0].dtype != square_avgs[0].dtype:
+        grads = [g.to(square_avgs[0].dtype) for g in grads]
+    torch._foreach_mul_(square_avgs, alpha)                                    # v_t
+    torch._foreach_addcmul_(square_avgs, grads, grads, value=1 - alpha)
+    if grad_avgs is not None:
+        torch._foreach_lerp_(grad_avgs, grads, 1 - alpha)                      # a_t
+        avg = torch._foreach_addcmul(square_avgs, grad_avgs, grad_avgs, value=-1)
+        torch._foreach_sqrt_(avg)
+    else:
+        avg = torch._foreach_sqrt(square_avgs)
+    torch._foreach_add_(avg, eps)                                              # d_t
+    if bufs is not None:
+        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_addcdiv_(bufs, grads, avg)
+        torch._foreach_add_(params, bufs, alpha=-lr)
+    else:
+        torch._foreach_addcdiv_(params, grads, avg, value=-lr)
+
+
 class RMSProp(Optimizer):
     r"""RMSProp, optionally centered and with momentum (see the module docstring for the math
     and the departures from the sources).
@@ -85,6 +111,8 @@ class RMSProp(Optimizer):
             theta_{t-1}.
         maximize: ascend instead of descend.
         nonfinite: ``"skip"``, ``"raise"`` or ``"ignore"`` (see `optimlab._common.Optimizer`).
+        impl: ``"auto"``, ``"reference"``, ``"foreach"`` or ``"fused"`` (see `optimlab._common`;
+            fused: optimlab's CPU kernel, fp32/fp64).
 
     State per parameter (torch.optim's keys): ``step`` (int), ``square_avg`` (v_t),
     ``momentum_buffer`` (b_t) when momentum > 0, ``grad_avg`` (a_t) when centered.
@@ -97,12 +125,12 @@ class RMSProp(Optimizer):
     def __init__(self, params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False, *,
                  wd_mode: str = "l2", wd_after_update: bool = False, maximize: bool = False,
-                 nonfinite: str = "skip"):
+                 nonfinite: str = "skip", impl: str = "auto"):
         defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                         momentum=momentum, centered=bool(centered), wd_mode=wd_mode,
                         wd_after_update=bool(wd_after_update), maximize=bool(maximize))
         self._check_group(defaults)
-        super().__init__(params, defaults, nonfinite=nonfinite)
+        super().__init__(params, defaults, nonfinite=nonfinite, impl=impl)
 
     def _check_group(self, group: dict) -> None:
         check_range("lr", group["lr"], 0.0)
@@ -129,3 +157,38 @@ class RMSProp(Optimizer):
                        lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
                        momentum=group["momentum"])
         decay_after_update(p, group)
+
+    def _foreach_update(self, group, params, states) -> None:
+        grads = foreach_grads_with_decay(params, [p.grad for p in params], group)
+        for state in states:
+            state["step"] += 1
+        rmsprop_update_foreach(
+            params, grads, [s["square_avg"] for s in states],
+            [s["grad_avg"] for s in states] if group["centered"] else None,
+            [s["momentum_buffer"] for s in states] if group["momentum"] > 0 else None,
+            lr=group["lr"], alpha=group["alpha"], eps=group["eps"], momentum=group["momentum"])
+        foreach_decay_after_update(params, group)
+
+    def _fused_update(self, group, params, states) -> str:
+        p0 = params[0]
+        code = {torch.float32: 0, torch.float64: 2}.get(p0.dtype)
+        keys = ("square_avg",) + (("grad_avg",) if group["centered"] else ()) + \
+            (("momentum_buffer",) if group["momentum"] > 0 else ())
+        if p0.device.type != "cpu" or code is None or not _ext.available() or \
+                any(states[0][k].dtype != p0.dtype for k in keys) or \
+                not _ext.same_layout(params, states, keys):
+            raise NoFusedKernel(f"no fused RMSProp kernel for {p0.dtype} on {p0.device.type} "
+                                f"with this state (optimlab's CPU kernels, fp32/fp64; "
+                                f"available: {_ext.available()})")
+        slots = []
+        for p, state in zip(params, states):
+            state["step"] += 1
+            slots += (p.data_ptr(), p.grad.data_ptr(), state["square_avg"].data_ptr(),
+                      state["grad_avg"].data_ptr() if group["centered"] else 0,
+                      state["momentum_buffer"].data_ptr() if group["momentum"] > 0 else 0,
+                      p.numel())
+        wd_l2, pre, post = fused_decay_scalars(group)
+        _ext.call("rmsprop", code, slots, 6, (group["lr"], group["alpha"], group["eps"],
+                                              group["momentum"], group["centered"], wd_l2, pre,
+                                              post, group["maximize"]))
+        return "fused-cpu"

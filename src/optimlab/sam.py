@@ -555,8 +555,9 @@ def accumulate_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer
 
     def clip():
         if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None],
-                                           max_grad_norm)
+            return torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None],
+                                                  max_grad_norm)
+        return None
 
     def finite() -> bool:
         grads = [p.grad for p in params if p.grad is not None]
@@ -576,8 +577,11 @@ def accumulate_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer
             scaler.step(optimizer)            # skips the step if unscale_ found inf/NaN
             scaler.update()
         else:
-            clip()
-            optimizer.step()
+            norm = clip()
+            if norm is not None and isinstance(optimizer, _OptimlabOptimizer):
+                optimizer.step(grad_norm=norm)    # the clip read the gradients already
+            else:
+                optimizer.step()
         return mean_loss
 
     # ---- SAM: first pass done; perturb

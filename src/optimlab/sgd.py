@@ -47,10 +47,12 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (Optimizer, check_range, check_weight_decay, decay_after_update,
-                      grad_with_decay)
+from . import _ext
+from ._common import (NoFusedKernel, Optimizer, check_range, check_weight_decay,
+                      decay_after_update, foreach_decay_after_update, foreach_grads_with_decay,
+                      fused_decay_scalars, grad_with_decay)
 
-__all__ = ["SGD", "sgd_update"]
+__all__ = ["SGD", "sgd_update", "sgd_update_foreach"]
 
 
 def sgd_update(p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | None, *, lr: float,
@@ -71,6 +73,24 @@ def sgd_update(p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | None, *, lr
     p.add_(g, alpha=-lr)                                        # theta_t = theta_{t-1} - eta d_t
 
 
+def sgd_update_foreach(params: list[torch.Tensor], grads: list[torch.Tensor],
+                       bufs: list[torch.Tensor] | None, first_steps: list[bool], *, lr: float,
+                       momentum: float, dampening: float, nesterov: bool) -> None:
+    """`sgd_update` on lists of tensors that share a device and dtypes (``torch._foreach_*``
+    kernels in the reference's operation order); ``first_steps`` per tensor."""
+    if bufs is not None:
+        first = [i for i, f in enumerate(first_steps) if f]
+        later = [i for i, f in enumerate(first_steps) if not f]
+        if first:
+            torch._foreach_copy_([bufs[i] for i in first], [grads[i] for i in first])
+        if later:
+            b = [bufs[i] for i in later]
+            torch._foreach_mul_(b, momentum)
+            torch._foreach_add_(b, [grads[i] for i in later], alpha=1 - dampening)
+        grads = torch._foreach_add(grads, bufs, alpha=momentum) if nesterov else bufs
+    torch._foreach_add_(params, grads, alpha=-lr)
+
+
 class SGD(Optimizer):
     r"""SGD with momentum, dampening, Nesterov momentum and L2, decoupled or independent
     weight decay (see the module docstring for the math and departures from the papers).
@@ -89,6 +109,8 @@ class SGD(Optimizer):
             theta_{t-1}.
         maximize: ascend instead of descend.
         nonfinite: ``"skip"``, ``"raise"`` or ``"ignore"`` (see `optimlab._common.Optimizer`).
+        impl: ``"auto"``, ``"reference"``, ``"foreach"`` or ``"fused"`` (see `optimlab._common`;
+            fused: optimlab's CPU kernel, fp32/fp64).
 
     State per parameter: ``step`` (int, steps taken) and, when momentum > 0,
     ``momentum_buffer`` (torch's name).  The buffer exists from the start, zero, and is set to
@@ -106,12 +128,12 @@ class SGD(Optimizer):
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  nesterov: bool = False, weight_decay: float = 0.0, *, wd_mode: str = "l2",
                  wd_after_update: bool = False, maximize: bool = False,
-                 nonfinite: str = "skip"):
+                 nonfinite: str = "skip", impl: str = "auto"):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=bool(nesterov),
                         weight_decay=weight_decay, wd_mode=wd_mode,
                         wd_after_update=bool(wd_after_update), maximize=bool(maximize))
         self._check_group(defaults)
-        super().__init__(params, defaults, nonfinite=nonfinite)
+        super().__init__(params, defaults, nonfinite=nonfinite, impl=impl)
 
     def _check_group(self, group: dict) -> None:
         check_range("lr", group["lr"], 0.0)
@@ -143,6 +165,54 @@ class SGD(Optimizer):
                    dampening=group["dampening"], nesterov=group["nesterov"],
                    first_step=first_step)
         decay_after_update(p, group)
+
+    @staticmethod
+    def _buffers(params, states, momentum: bool) -> tuple[list | None, list[bool]]:
+        """Increment the steps; return the momentum buffers (None without momentum; created
+        when momentum was switched on after step 1) and which of them start this step."""
+        for state in states:
+            state["step"] += 1
+        first = [state["step"] == 1 for state in states]
+        if not momentum:
+            return None, first
+        bufs = []
+        for i, (p, state) in enumerate(zip(params, states)):
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+                first[i] = True
+            bufs.append(state["momentum_buffer"])
+        return bufs, first
+
+    def _foreach_update(self, group, params, states) -> None:
+        grads = foreach_grads_with_decay(params, [p.grad for p in params], group)
+        bufs, first = self._buffers(params, states, group["momentum"] != 0)
+        sgd_update_foreach(params, grads, bufs, first, lr=group["lr"],
+                           momentum=group["momentum"], dampening=group["dampening"],
+                           nesterov=group["nesterov"])
+        foreach_decay_after_update(params, group)
+
+    def _fused_update(self, group, params, states) -> str:
+        p0 = params[0]
+        code = {torch.float32: 0, torch.float64: 2}.get(p0.dtype)
+        keys = ("momentum_buffer",) if group["momentum"] != 0 else ()
+        if p0.device.type != "cpu" or code is None or not _ext.available():
+            raise NoFusedKernel(f"no fused SGD kernel for {p0.dtype} on {p0.device.type} "
+                                f"(optimlab's CPU kernels, fp32/fp64; available: "
+                                f"{_ext.available()})")
+        have = [k for k in keys if all(k in s for s in states)]
+        if any(s[k].dtype != p0.dtype for s in states for k in have) or \
+                not _ext.same_layout(params, states, have):
+            raise NoFusedKernel("SGD state in another dtype or layout than the parameters")
+        bufs, first = self._buffers(params, states, bool(keys))
+        slots = []
+        for i, p in enumerate(params):
+            slots += (p.data_ptr(), p.grad.data_ptr(), bufs[i].data_ptr() if bufs else 0,
+                      p.numel(), first[i])
+        wd_l2, pre, post = fused_decay_scalars(group)
+        _ext.call("sgd", code, slots, 5, (group["lr"], group["momentum"], group["dampening"],
+                                          group["nesterov"], wd_l2, pre, post,
+                                          group["maximize"]))
+        return "fused-cpu"
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As `optimlab._common.Optimizer.load_state_dict`; additionally accepts

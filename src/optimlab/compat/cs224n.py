@@ -11,7 +11,7 @@ from .. import adam as _adam
 
 
 def AdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, correct_bias=True,
-          *, nonfinite="skip"):
+          *, nonfinite="skip", impl="auto"):
     """The CS224N AdamW: same arguments and defaults as the project's ``AdamW``."""
     return _adam.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                       correct_bias=correct_bias, nonfinite=nonfinite)
+                       correct_bias=correct_bias, nonfinite=nonfinite, impl=impl)

@@ -7,7 +7,7 @@ from .. import adafactor as _adafactor
 
 def Adafactor(params, lr=None, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8,
               beta1=None, weight_decay=0.0, scale_parameter=True, relative_step=True,
-              warmup_init=False, *, nonfinite="skip"):
+              warmup_init=False, *, nonfinite="skip", impl="auto"):
     """transformers.optimization.Adafactor (the fairseq port): eps1 added to g^2, the first
     moment averages the clipped, lr-scaled update, decay theta <- theta - alpha_t*wd*theta
     with alpha_t the step actually taken, bf16/fp16 parameters updated in fp32.
@@ -33,4 +33,4 @@ def Adafactor(params, lr=None, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate
                                 warmup_init=warmup_init, eps1_placement="grad_sq",
                                 momentum_of="scaled_update", decay_scale="alpha",
                                 wd_after_update=False, upcast=True, maximize=False,
-                                nonfinite=nonfinite)
+                                nonfinite=nonfinite, impl=impl)

@@ -4,6 +4,12 @@ optimizers that reproduce them (parity-tested against torch.optim to 1e-6 over 5
 On finite gradients the result equals torch.optim's; on a non-finite gradient optimlab's
 policy applies (``nonfinite="skip"`` by default; pass ``nonfinite="ignore"`` for torch's
 unchecked behaviour).
+
+``foreach``/``fused`` select optimlab's implementation as they select torch's
+(`optimlab.compat._util.impl_from_flags`): ``fused=True`` -> ``impl="fused"``,
+``foreach=True`` -> ``"foreach"``, ``foreach=False`` -> ``"reference"`` (the for-loop),
+``fused=False`` -> ``"foreach"``, both None -> ``"auto"`` (optimlab's fastest, which unlike
+torch's default is the fused kernel on CPU too).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from .. import adagrad as _adagrad
 from .. import radam as _radam
 from .. import rmsprop as _rmsprop
 from .. import sgd as _sgd
-from ._util import reject_unsupported
+from ._util import impl_from_flags, reject_unsupported
 
 
 def Adam(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
@@ -27,7 +33,8 @@ def Adam(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=
     return _adam.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                       wd_mode="decoupled" if decoupled_weight_decay else "l2",
                       amsgrad=amsgrad, eps_placement="sqrt_v_hat", wd_after_update=False,
-                      maximize=maximize, nonfinite=nonfinite)
+                      maximize=maximize, nonfinite=nonfinite,
+        impl=impl_from_flags("torch.optim.Adam", foreach, fused))
 
 
 def AdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
@@ -38,7 +45,8 @@ def AdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsg
     reject_unsupported("torch.optim.AdamW", capturable=capturable, differentiable=differentiable)
     return _adam.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                       wd_mode="decoupled", amsgrad=amsgrad, eps_placement="sqrt_v_hat",
-                      wd_after_update=False, maximize=maximize, nonfinite=nonfinite)
+                      wd_after_update=False, maximize=maximize, nonfinite=nonfinite,
+        impl=impl_from_flags("torch.optim.AdamW", foreach, fused))
 
 
 def SGD(params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
@@ -49,7 +57,8 @@ def SGD(params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False
     reject_unsupported("torch.optim.SGD", differentiable=differentiable)
     return _sgd.SGD(params, lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
                     weight_decay=weight_decay, wd_mode="l2", wd_after_update=False,
-                    maximize=maximize, nonfinite=nonfinite)
+                    maximize=maximize, nonfinite=nonfinite,
+        impl=impl_from_flags("torch.optim.SGD", foreach, fused))
 
 
 def Adagrad(params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
@@ -61,7 +70,8 @@ def Adagrad(params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_val
     return _adagrad.AdaGrad(params, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                             initial_accumulator_value=initial_accumulator_value, eps=eps,
                             wd_mode="l2", wd_after_update=False, maximize=maximize,
-                            nonfinite=nonfinite)
+                            nonfinite=nonfinite,
+        impl=impl_from_flags("torch.optim.Adagrad", foreach, fused))
 
 
 def RMSprop(params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
@@ -73,7 +83,8 @@ def RMSprop(params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, c
                        differentiable=differentiable)
     return _rmsprop.RMSProp(params, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                             momentum=momentum, centered=centered, wd_mode="l2",
-                            wd_after_update=False, maximize=maximize, nonfinite=nonfinite)
+                            wd_after_update=False, maximize=maximize, nonfinite=nonfinite,
+        impl=impl_from_flags("torch.optim.RMSprop", foreach, None))
 
 
 def RAdam(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
@@ -86,7 +97,8 @@ def RAdam(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
     return _radam.RAdam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         wd_mode="decoupled" if decoupled_weight_decay else "l2",
                         wd_after_update=False, rho_threshold=5.0, degenerate_to_sgd=True,
-                        eps_placement="sqrt_v", maximize=maximize, nonfinite=nonfinite)
+                        eps_placement="sqrt_v", maximize=maximize, nonfinite=nonfinite,
+        impl=impl_from_flags("torch.optim.RAdam", foreach, None))
 
 
 def Adafactor(params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0, *,
@@ -110,4 +122,5 @@ def Adafactor(params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight
                                 wd_mode="decoupled", scale_parameter=True, relative_step=True,
                                 warmup_init=False, eps1_placement="clamp",
                                 decay_scale="lr", wd_after_update=False, upcast=False,
-                                maximize=maximize, nonfinite=nonfinite)
+                                maximize=maximize, nonfinite=nonfinite,
+        impl=impl_from_flags("torch.optim.Adafactor", foreach, None))
