@@ -37,7 +37,7 @@ def runs(base):
     def get(name):
         if name not in done:
             done[name] = run_experiment(LabOptions(name, quick=True, out=str(base / name),
-                                                   progress=False, log=lambda s: None))
+                                                   progress=False))
         return done[name]
     return get
 

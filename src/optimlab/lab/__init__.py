@@ -20,10 +20,8 @@ sentence features are cached next to the reports (``reports/.cache/``), shared b
 from __future__ import annotations
 
 import importlib
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 __all__ = ["EXPERIMENTS", "LabOptions", "run_experiment", "add_arguments", "main"]
 
@@ -51,7 +49,6 @@ class LabOptions:
     wds: str | None = None                 # wd-heatmap: the lr-coupled grid
     wds_independent: str | None = None     # wd-heatmap: the independent grid
     progress: bool = True
-    log: Callable[[str], None] = field(default=lambda s: print(s, file=sys.stderr))
 
 
 def _module(name: str):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 import warnings
@@ -49,7 +48,6 @@ class Lab:
     out: Path
     config: dict                               # the experiment's options (in the report)
     progress: bool = True
-    log: Callable[[str], None] = print
     computed: int = 0                          # cells computed by this run
     cached: int = 0                            # cells found on disk
     cell_seconds: float = 0.0                  # compute time of every cell, cached ones too

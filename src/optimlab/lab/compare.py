@@ -49,7 +49,7 @@ def run(opts):
                base_lrs={o: default_lr(o, "last-linear-layer") for o in names},
                model=FEATURE_MODEL + " -> linear head", weight_decay=0.01,
                schedule="linear warmup 10%, linear decay, clip 1.0")
-    lab = Lab(NAME, opts.out, cfg, progress=opts.progress, log=opts.log,
+    lab = Lab(NAME, opts.out, cfg, progress=opts.progress,
               grid_keys=("seeds", "lr_factors", "base_lrs"))
     data = sst_features(cfg["n_train"], cfg["n_dev"], opts.cache, progress=opts.progress)
     n, dim = data["train_x"].shape

@@ -22,7 +22,6 @@ the effective eps.  Final dev accuracy of both runs.
 
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -48,7 +47,7 @@ def run(opts):
     cfg.update(quick=opts.quick, epsilons=list(EPSILONS), loss_scales=list(SCALES), beta2=BETA2,
                model=FEATURE_MODEL + " -> linear head",
                optimizer="optimlab.AdamW(weight_decay=0), linear decay to 0, no warmup")
-    lab = Lab(NAME, opts.out, cfg, progress=opts.progress, log=opts.log,
+    lab = Lab(NAME, opts.out, cfg, progress=opts.progress,
               grid_keys=("seeds",))
     data = sst_features(cfg["n_train"], cfg["n_dev"], opts.cache, progress=opts.progress)
     n, dim = data["train_x"].shape

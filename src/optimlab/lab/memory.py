@@ -11,9 +11,8 @@ What is measured.
   GPT-2 small (124M, optimlab.models.gpt2) and of the embedded MiniLM-L6 (22.7M) plus its
   5-way head, both built on the ``meta`` device (shapes only, nothing allocated), with the
   parameter groups ``optimlab train`` uses; the bytes of every tensor in the state are summed.
-  ``adamw-bf16``: optimlab's AdamW has no bf16-state option on this branch, so its moments are
-  created in bfloat16 and placed in the state before the first step (``adam_update`` casts the
-  gradient to the moments' dtype); the count is of those tensors, as for the others.
+  ``adamw-bf16`` is ``AdamW(state_dtype=torch.bfloat16)``: moments stored in bf16, computed in
+  fp32 and rounded once per step.
 * Dev accuracy: each optimizer fine-tunes on SST-5 with the same data, seed and schedule (lr:
   ``optimlab.train.default_lr``).  ``--quick``: the linear head on frozen MiniLM features
   (``--fine-tune-mode last-linear-layer``); full mode: the whole MiniLM on a subset of SST
@@ -48,14 +47,8 @@ FULL = dict(mode="full-model", n_train=800, n_dev=500, epochs=1, batch_size=16, 
 def make_optimizer(name: str, groups, lr: float):
     """The five optimizers as the experiment builds them (train's conventions)."""
     if name.startswith("adamw"):
-        opt = AdamW(groups, lr=lr)
-        if name == "adamw-bf16":
-            for g in opt.param_groups:
-                for p in g["params"]:
-                    opt.state[p] = {"step": 0,
-                                    "exp_avg": torch.zeros_like(p, dtype=torch.bfloat16),
-                                    "exp_avg_sq": torch.zeros_like(p, dtype=torch.bfloat16)}
-        return opt
+        return AdamW(groups, lr=lr,
+                     state_dtype=torch.bfloat16 if name == "adamw-bf16" else None)
     if name.startswith("adafactor"):
         return Adafactor(groups, lr=lr, relative_step=False, scale_parameter=False,
                          beta1=0.9 if name == "adafactor+beta1" else None)
@@ -69,7 +62,7 @@ def state_bytes(model: torch.nn.Module, name: str) -> dict:
     total, n_params = 0, 0
     for g in opt.param_groups:
         for p in g["params"]:
-            st = opt.state[p] if opt.state.get(p) else opt._init_state(p, g)
+            st = opt._init_state(p, g)
             total += sum(v.numel() * v.element_size() for v in st.values()
                          if isinstance(v, torch.Tensor))
             n_params += p.numel()
@@ -98,7 +91,7 @@ def run(opts):
                model=(FEATURE_MODEL + " -> linear head" if cfg["mode"] == "last-linear-layer"
                       else "embedded MiniLM-L6, full model, mean pooling, dropout 0.1"),
                schedule="linear warmup 10% then linear decay, clip 1.0 (train's defaults)")
-    lab = Lab(NAME, opts.out, cfg, progress=opts.progress, log=opts.log,
+    lab = Lab(NAME, opts.out, cfg, progress=opts.progress,
               grid_keys=("seeds",))
     models = _meta_models()
     sizes = lab.run_cells([Cell(f"bytes-{o}", {"kind": "bytes", "optimizer": o})
@@ -106,7 +99,9 @@ def run(opts):
                           lambda p: {m: state_bytes(model, p["optimizer"])
                                      for m, model in models.items()}, desc="state bytes")
     compute = _accuracy_cell(cfg, opts)
-    cells = [Cell(f"acc-{o}-s{s}", {"kind": "accuracy", "optimizer": o, "seed": s})
+    cells = [Cell(f"acc-{o}-s{s}", {"kind": "accuracy", "optimizer": o, "seed": s,
+                                     **({"state_dtype": "bfloat16"} if o == "adamw-bf16"
+                                        else {})})
              for o in OPTIMIZERS for s in range(cfg["seeds"])]
     accs = lab.run_cells(cells, compute, desc="fine-tunes",
                          threads=1 if cfg["mode"] == "last-linear-layer" else None)

@@ -70,7 +70,7 @@ def run(opts):
                model=FEATURE_MODEL + f" -> MLP head ({cfg['hidden']} hidden, GELU)",
                optimizer="optimlab.AdamW (CS224N defaults), SAM(AdamW) for sam/sam-naive; "
                          "linear decay, no warmup")
-    lab = Lab(NAME, opts.out, cfg, progress=opts.progress, log=opts.log,
+    lab = Lab(NAME, opts.out, cfg, progress=opts.progress,
               grid_keys=("seeds",))
     data = sst_features(cfg["n_train"], cfg["n_dev"], opts.cache, progress=opts.progress)
     n, dim = data["train_x"].shape

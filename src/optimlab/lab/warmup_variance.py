@@ -51,7 +51,7 @@ def run(opts):
     cfg.update(quick=opts.quick, betas=[0.9, 0.999], eps=1e-8,
                model="GPT-2 (optimlab.models.gpt2), random init, tied LM head, no dropout",
                data="SST-5 train sentences, MiniLM tokenizer, vocabulary cut to occurring ids")
-    lab = Lab(NAME, opts.out, cfg, progress=opts.progress, log=opts.log,
+    lab = Lab(NAME, opts.out, cfg, progress=opts.progress,
               grid_keys=("seeds",))
     corpus = lm_corpus(cfg["sentences"], max_vocab=cfg["max_vocab"])
     ids = corpus["ids"]

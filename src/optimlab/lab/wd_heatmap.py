@@ -64,9 +64,6 @@ def config(opts) -> dict:
     if opts.wds_independent is not None:
         cfg["wds"]["independent"] = parse_grid("--wds-independent", opts.wds_independent,
                                                minimum=0.0)
-    for mode in MODES:
-        if len(cfg["wds"][mode]) < 2:
-            raise ValueError(f"wd-heatmap needs at least 2 weight decays per mode")
     cfg["quick"] = opts.quick
     cfg["model"] = FEATURE_MODEL + " -> linear head"
     cfg["optimizer"] = "optimlab.AdamW(eps=1e-8, eps_placement='sqrt_v_hat', " \
@@ -76,7 +73,7 @@ def config(opts) -> dict:
 
 def run(opts):
     cfg = config(opts)
-    lab = Lab(NAME, opts.out, cfg, progress=opts.progress, log=opts.log,
+    lab = Lab(NAME, opts.out, cfg, progress=opts.progress,
               grid_keys=("lrs", "wds", "seeds"))
     data = sst_features(cfg["n_train"], cfg["n_dev"], opts.cache, progress=opts.progress)
     n, dim = data["train_x"].shape
