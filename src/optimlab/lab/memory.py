@@ -203,7 +203,11 @@ def conclude(table: dict, models: list[str]) -> str:
             f"AdamW's {table['adamw-fp32']['MiniLM-L6 + head']['state_bytes'] / 2**20:.1f} MiB. "
             f"SST-5 dev accuracy: " + ", ".join(f"{o} {table[o]['dev_acc_mean']:.3f}"
                                                 for o in OPTIMIZERS) + "; ")
-    if spread <= max(2 * noise, 0.01):
+    seeds = min(len(table[o]["dev_acc"]) for o in OPTIMIZERS)
+    if seeds < 2:
+        text += (f"best {best}, worst {worst}, {spread:.3f} apart, from one seed: no estimate "
+                 f"of the seed noise, so read differences of a point or two as unresolved.")
+    elif spread <= max(2 * noise, 0.01):
         text += (f"the spread ({spread:.3f}) is within the seed noise (std up to {noise:.3f}): "
                  f"no measurable accuracy cost of the smaller states in this fine-tune.")
     else:
