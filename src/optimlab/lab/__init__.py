@@ -45,7 +45,7 @@ class LabOptions:
     out: str | None = None                 # default reports/NAME
     cache: str | None = None               # default <out>/../.cache
     seeds: int | None = None
-    lrs: str | None = None                 # comma-separated (wd-heatmap, compare)
+    lrs: str | None = None                 # wd-heatmap: comma-separated learning rates
     wds: str | None = None                 # wd-heatmap: the lr-coupled grid
     wds_independent: str | None = None     # wd-heatmap: the independent grid
     progress: bool = True
@@ -82,7 +82,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out", metavar="DIR", help="report directory (default reports/NAME)")
     p.add_argument("--cache", metavar="DIR",
                    help="where cached MiniLM features go (default: .cache next to --out)")
-    p.add_argument("--seeds", type=int, metavar="N", help="seeds per cell (default: per mode)")
+    p.add_argument("--seeds", type=int, metavar="N", help="number of seeds, 0..N-1 (default: per mode)")
     p.add_argument("--lrs", metavar="LIST",
                    help="wd-heatmap: learning rates, comma-separated, e.g. 1e-3,3e-3,1e-2")
     p.add_argument("--wds", metavar="LIST", help="wd-heatmap: lr-coupled weight decays")

@@ -150,6 +150,9 @@ class Lab:
                   f"- experiment: `{self.experiment}`" + (f", command: `{argv}`" if argv else ""),
                   f"- cells: {self.computed + self.cached} ({self.computed} computed by this "
                   f"run, {self.cached} read from `cells/`)",
+                  f"- seeds: {', '.join(str(k) for k in range(self.config['seeds']))} "
+                  f"(each seeds the initialisation and the batch order)"
+                  if isinstance(self.config.get("seeds"), int) else "- seeds: see config",
                   f"- wall time of this run: {wall} s; compute time of all its cells, "
                   f"cached ones included: {self.cell_seconds:.1f} s",
                   f"- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()
