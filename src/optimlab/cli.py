@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_arguments as add_bench_arguments
     add_bench_arguments(sub.add_parser(
         "bench", help="time every optimizer against torch.optim (GPT-2 small shapes, a small model)"))
+
+    from .lab import add_arguments as add_lab_arguments
+    add_lab_arguments(sub.add_parser(
+        "lab", help="run an experiment of the optimizer lab (plots + report in reports/NAME)"))
     return parser
 
 
@@ -65,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bench":
             from .bench import main_args as bench_main
             return bench_main(args)
+        elif args.command == "lab":
+            from .lab import main as lab_main
+            lab_main(args)
     except (ValueError, OSError) as e:
         print(f"optimlab: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,225 @@
+"""``optimlab lab``: every experiment's --quick mode produces its files, its report's numbers
+are the cached cells' numbers, a rerun skips finished cells, and bad input is one line.
+
+The six quick runs share one directory (and so one cache of MiniLM features) per session;
+together they take about a minute and a half on two cores.  What is checked is that the files
+exist and the numbers are the run's, never that a claim of the seeds holds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+
+from optimlab.cli import main
+from optimlab.lab import EXPERIMENTS, LabOptions, run_experiment
+from optimlab.lab import wd_heatmap
+from optimlab.lab._core import fmt, mean, parse_grid, std
+
+PNGS = {"wd-heatmap": ["heatmaps.png"], "warmup-variance": ["warmup.png"],
+        "memory": ["memory.png"], "epsilon": ["drift.png"], "sam-accumulation": ["sam.png"],
+        "compare": ["compare.png"]}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return tmp_path_factory.mktemp("lab")
+
+
+@pytest.fixture(scope="module")
+def runs(base):
+    """Each experiment's quick run, once: name -> (lab, conclusion)."""
+    done = {}
+
+    def get(name):
+        if name not in done:
+            done[name] = run_experiment(LabOptions(name, quick=True, out=str(base / name),
+                                                   progress=False))
+        return done[name]
+    return get
+
+
+def cells(out) -> list[tuple[dict, dict]]:
+    found = []
+    for path in sorted((out / "cells").glob("*.json")):
+        blob = json.loads(path.read_text())
+        found.append((blob["params"], blob["result"]))
+    return found
+
+
+@pytest.mark.parametrize("name", list(EXPERIMENTS))
+def test_quick_run_writes_report_plots_and_cells(name, runs, base):
+    lab, conclusion = runs(name)
+    out = base / name
+    for png in PNGS[name]:
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    report = (out / "report.md").read_text()
+    results = json.loads((out / "results.json").read_text())
+    assert conclusion in report and results["conclusion"] == conclusion
+    assert "wall time of this run" in report and "torch 2" in report and "### Config" in report
+    assert results["config"]["quick"] is True
+    found = cells(out)
+    assert len(found) == lab.computed + lab.cached > 0
+    assert not [p for p in (out / "cells").iterdir() if p.name.startswith(".")]   # no temp left
+
+
+def test_wd_heatmap_numbers_are_the_cells(runs, base):
+    lab, conclusion = runs("wd-heatmap")
+    found = cells(base / "wd-heatmap")
+    acc = {}
+    for p, r in found:
+        acc.setdefault((p["mode"], p["lr"], p["wd"]), []).append(r["dev_acc"])
+    cfg = lab.config
+    assert len(found) == 2 * len(cfg["lrs"]) * len(cfg["wds"]["decoupled"]) * cfg["seeds"]
+    report = (base / "wd-heatmap" / "report.md").read_text()
+    summary = json.loads((base / "wd-heatmap" / "results.json").read_text())["numbers"]["summary"]
+    for mode in wd_heatmap.MODES:
+        for k, lr in enumerate(cfg["lrs"]):
+            row = [mean(acc[(mode, lr, wd)]) for wd in cfg["wds"][mode]]
+            best = max(range(len(row)), key=lambda i: (row[i], -i))
+            assert summary[mode]["best_wd"][k] == cfg["wds"][mode][best]
+        lr, wd = cfg["lrs"][2], cfg["wds"][mode][3]
+        v = acc[(mode, lr, wd)]
+        assert f"{fmt(mean(v))} +- {fmt(std(v))}" in report
+        assert f"{summary[mode]['best_wd'][0]:g}" in conclusion
+
+
+def test_epsilon_numbers_are_the_cells(runs, base):
+    lab, conclusion = runs("epsilon")
+    found = cells(base / "epsilon")
+    assert len(found) == 6
+    report = (base / "epsilon" / "report.md").read_text()
+    p, r = next((p, r) for p, r in found if p["eps"] == 1e-3 and p["scale"] == 1.0)
+    assert f"{r['rel_weight_diff'][-1]:.3e}" in report
+    assert f"{r['rel_weight_diff'][-1]:.1e} (eps 0.001)" in conclusion
+    # the same seed, data and schedule: the two placements start from the same weights, so
+    # the drift after the first update is the first update's difference, and it is finite
+    assert all(math.isfinite(x) for x in r["rel_weight_diff"])
+
+
+def test_warmup_numbers_are_the_cells(runs, base):
+    lab, conclusion = runs("warmup-variance")
+    found = cells(base / "warmup-variance")
+    report = (base / "warmup-variance" / "report.md").read_text()
+    for method in ("adam", "adam+warmup", "radam"):
+        first = mean([r["losses"][0] for p, r in found if p["method"] == method])
+        assert f"| {method} | {fmt(first)} |" in report
+    adam = [r for p, r in found if p["method"] == "adam"]
+    assert f"{mean([r['var_log_adaptive_lr'][0] for r in adam]):.3f} at update 1" in conclusion
+
+
+def test_memory_counts_bytes_exactly(runs, base):
+    lab, conclusion = runs("memory")
+    table = json.loads((base / "memory" / "results.json").read_text())["numbers"]["table"]
+    n = 124_439_808                                  # GPT-2 small without the (tied) LM head
+    g = {o: table[o]["GPT-2 small"] for o in table}
+    assert g["adamw-fp32"]["params"] == n and g["adamw-fp32"]["state_bytes"] == 8 * n
+    assert g["adamw-bf16"]["state_bytes"] == 4 * n
+    assert g["sgd-momentum"]["state_bytes"] == 4 * n
+    assert g["adafactor"]["state_bytes"] < g["adafactor+beta1"]["state_bytes"] - 4 * n + 1
+    assert g["adafactor"]["state_bytes"] < n // 50           # factored: rows + columns
+    report = (base / "memory" / "report.md").read_text()
+    for p, r in cells(base / "memory"):
+        if p["kind"] == "accuracy":
+            assert r["dev_acc"] in table[p["optimizer"]]["dev_acc"]
+    assert f"{table['adafactor']['dev_acc_mean']:.3f}" in conclusion
+    assert f"| adamw-fp32 | {8 * n / 2**20:.1f} |" in report
+
+
+def test_sam_and_compare_numbers_are_the_cells(runs, base):
+    lab, conclusion = runs("sam-accumulation")
+    found = cells(base / "sam-accumulation")
+    report = (base / "sam-accumulation" / "report.md").read_text()
+    for method in ("adamw", "sam", "sam-naive"):
+        accs = [r["dev_acc"] for p, r in sorted(found, key=lambda t: t[0]["seed"])
+                if p["method"] == method]
+        assert f"| {method} | {fmt(mean(accs))} +- {fmt(std(accs))} | " + \
+            ", ".join(fmt(a) for a in accs) in report
+    dist = [d for p, r in found if p["method"] == "sam" for d in r["update_distance"]]
+    assert f"{mean(dist):.3f} of its length" in conclusion
+
+    lab, conclusion = runs("compare")
+    found = cells(base / "compare")
+    table = json.loads((base / "compare" / "results.json").read_text())["numbers"]["table"]
+    for name, t in table.items():
+        search = [(p["lr"], r["dev_acc"]) for p, r in found
+                  if p["optimizer"] == name and p["seed"] == 0]
+        assert t["lr"] == max(search, key=lambda s: s[1])[0]
+        assert len(t["dev_acc"]) == lab.config["seeds"]
+    assert len(table) == 9
+
+
+def test_rerun_skips_finished_cells(runs, base, capsys):
+    runs("epsilon")
+    out = base / "epsilon"
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+    report = (out / "report.md").read_text()
+    # the command line, all cells cached: nothing is recomputed, the same numbers come out
+    assert main(["lab", "epsilon", "--quick", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "0 cells computed, 6 cached" in printed
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == before
+    strip = lambda text: text.split("## Run")[0]          # noqa: E731 (wall time differs)
+    assert strip((out / "report.md").read_text()) == strip(report)
+    # an interrupted run: one cell missing -> exactly that one is computed
+    victim = sorted((out / "cells").glob("*.json"))[0]
+    victim.unlink()
+    lab, _ = run_experiment(LabOptions("epsilon", quick=True, out=str(out), progress=False))
+    assert (lab.computed, lab.cached) == (1, 5) and victim.is_file()
+    assert strip((out / "report.md").read_text()) == strip(report)     # deterministic cells
+    # more seeds: the finished cells are reused, only the new seed's are computed
+    lab, _ = run_experiment(LabOptions("epsilon", quick=True, out=str(out), seeds=2,
+                                       progress=False))
+    assert (lab.computed, lab.cached) == (6, 6)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["lab", "nope"], "unknown experiment 'nope'"),
+    (["lab", "wd-heatmap", "--quick", "--lrs", "1e-3"], "--lrs needs at least 2 values"),
+    (["lab", "wd-heatmap", "--quick", "--lrs", "1e-3,-1"], "every value must be a finite"),
+    (["lab", "wd-heatmap", "--quick", "--lrs", "1e-3,abc"], "comma-separated numbers"),
+    (["lab", "wd-heatmap", "--quick", "--wds", "0.1,0.1"], "repeated values"),
+    (["lab", "epsilon", "--quick", "--wds", "1,2"], "epsilon does not take --wds"),
+    (["lab", "memory", "--quick", "--seeds", "0"], "--seeds must be a positive integer"),
+])
+def test_bad_input_is_one_line(argv, message, capsys, tmp_path):
+    try:
+        code = main(argv + ["--out", str(tmp_path / "r")])
+    except SystemExit as e:                            # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert not (tmp_path / "r" / "cells").exists() or not any((tmp_path / "r" / "cells").iterdir())
+
+
+def test_parse_grid():
+    assert parse_grid("--lrs", "3e-3, 1e-3") == [1e-3, 3e-3]
+    with pytest.raises(ValueError, match="finite"):
+        parse_grid("--lrs", "1e-3,nan")
+    with pytest.raises(ValueError, match=">= 0"):
+        parse_grid("--wds", "-1,0", minimum=0.0)
+
+
+def test_wd_conclusion_follows_the_numbers():
+    """The verdict is computed: lambda ~ 1/lr for the coupled mode and flat for the
+    independent one reads as confirmed; the reverse does not."""
+    lrs = [1e-3, 1e-2, 1e-1]
+    wds = {"decoupled": [1e-2, 1e-1, 1, 10], "independent": [1e-4, 1e-3, 1e-2, 1e-1]}
+    cfg = {"lrs": lrs, "wds": wds}
+
+    def accs(peak):            # accuracy peaked at the given wd index per lr, 3 seeds
+        return {(m, lr, wd): [0.5 if j == peak[m][i] else 0.3] * 3
+                for m in wds for i, lr in enumerate(lrs) for j, wd in enumerate(wds[m])}
+    confirmed = wd_heatmap.analyse(cfg, accs({"decoupled": [3, 2, 1], "independent": [1, 1, 1]}))
+    assert confirmed["decoupled"]["best_wd"] == [10, 1, 1e-1]
+    assert confirmed["decoupled"]["best_slope"] == pytest.approx(-1.0)
+    assert confirmed["independent"]["edge_slope"] == pytest.approx(0.0)
+    assert "The claim holds" in wd_heatmap.conclude(cfg, confirmed)
+    reverse = wd_heatmap.analyse(cfg, accs({"decoupled": [1, 1, 1], "independent": [0, 1, 2]}))
+    text = wd_heatmap.conclude(cfg, reverse)
+    assert "not clearly confirmed" in text and "slope 1.00" in text
