@@ -201,6 +201,24 @@ class NoFusedKernel(Exception):
     a RuntimeError."""
 
 
+def fused_cpu_code(name: str, params: list[torch.Tensor], states: list[dict],
+                   keys: Sequence[str]) -> int:
+    """The dtype code of optimlab's fused CPU kernels for this bucket (fp32 or fp64 weights,
+    the state tensors ``keys`` in the weights' dtype and laid out as the weights), or raise
+    `NoFusedKernel` saying why not."""
+    from . import _ext
+    p0 = params[0]
+    code = {torch.float32: 0, torch.float64: 2}.get(p0.dtype)
+    if p0.device.type != "cpu" or code is None or not _ext.available():
+        raise NoFusedKernel(f"no fused {name} kernel for {p0.dtype} on {p0.device.type} "
+                            f"(optimlab's CPU kernels: fp32/fp64 on CPU; available: "
+                            f"{_ext.available()})")
+    if any(st[k].dtype != p0.dtype for st in states[:1] for k in keys) or \
+            not _ext.same_layout(params, states, keys):
+        raise NoFusedKernel(f"{name} state in another dtype or layout than the parameters")
+    return code
+
+
 def _flat(p: torch.Tensor, tensors) -> bool:
     """The gradient and the full-size state tensors lay out their elements as ``p`` does
     (all contiguous, or dense with equal strides): element-wise kernels may treat them as flat

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from . import _ext
-from ._common import (NoFusedKernel, Optimizer, check_range, check_weight_decay,
+from ._common import (fused_cpu_code, Optimizer, check_range, check_weight_decay,
                       decay_after_update, foreach_decay_after_update, foreach_grads_with_decay,
                       fused_decay_scalars, grad_with_decay)
 
@@ -128,13 +128,7 @@ class AdaGrad(Optimizer):
         foreach_decay_after_update(params, group)
 
     def _fused_update(self, group, params, states) -> str:
-        p0 = params[0]
-        code = {torch.float32: 0, torch.float64: 2}.get(p0.dtype)
-        if p0.device.type != "cpu" or code is None or not _ext.available() or \
-                states[0]["sum"].dtype != p0.dtype or not _ext.same_layout(params, states, ("sum",)):
-            raise NoFusedKernel(f"no fused AdaGrad kernel for {p0.dtype} on {p0.device.type} "
-                                f"with {states[0]['sum'].dtype} state (optimlab's CPU kernels, "
-                                f"fp32/fp64; available: {_ext.available()})")
+        code = fused_cpu_code("AdaGrad", params, states, ("sum",))
         slots = []
         for p, state in zip(params, states):
             state["step"] += 1

@@ -52,7 +52,7 @@ from __future__ import annotations
 import torch
 
 from . import _ext
-from ._common import (EPS_PLACEMENTS, NoFusedKernel, Optimizer, check_betas, check_choice,
+from ._common import (EPS_PLACEMENTS, fused_cpu_code, Optimizer, check_betas, check_choice,
                       check_range, check_weight_decay, decay_after_update,
                       foreach_decay_after_update, foreach_grads_with_decay, fused_decay_scalars,
                       grad_with_decay)
@@ -217,15 +217,7 @@ class RAdam(Optimizer):
         foreach_decay_after_update(params, group)
 
     def _fused_update(self, group, params, states) -> str:
-        p0 = params[0]
-        code = {torch.float32: 0, torch.float64: 2}.get(p0.dtype)
-        keys = ("exp_avg", "exp_avg_sq")
-        if p0.device.type != "cpu" or code is None or not _ext.available() or \
-                any(states[0][k].dtype != p0.dtype for k in keys) or \
-                not _ext.same_layout(params, states, keys):
-            raise NoFusedKernel(f"no fused RAdam kernel for {p0.dtype} on {p0.device.type} "
-                                f"with this state (optimlab's CPU kernels, fp32/fp64; "
-                                f"available: {_ext.available()})")
+        code = fused_cpu_code("RAdam", params, states, ("exp_avg", "exp_avg_sq"))
         slots = []
         for p, state in zip(params, states):
             state["step"] += 1

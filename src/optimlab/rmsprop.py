@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 
 from . import _ext
-from ._common import (NoFusedKernel, Optimizer, check_range, check_weight_decay,
+from ._common import (fused_cpu_code, Optimizer, check_range, check_weight_decay,
                       decay_after_update, foreach_decay_after_update, foreach_grads_with_decay,
                       fused_decay_scalars, grad_with_decay)
 
@@ -170,16 +170,9 @@ class RMSProp(Optimizer):
         foreach_decay_after_update(params, group)
 
     def _fused_update(self, group, params, states) -> str:
-        p0 = params[0]
-        code = {torch.float32: 0, torch.float64: 2}.get(p0.dtype)
         keys = ("square_avg",) + (("grad_avg",) if group["centered"] else ()) + \
             (("momentum_buffer",) if group["momentum"] > 0 else ())
-        if p0.device.type != "cpu" or code is None or not _ext.available() or \
-                any(states[0][k].dtype != p0.dtype for k in keys) or \
-                not _ext.same_layout(params, states, keys):
-            raise NoFusedKernel(f"no fused RMSProp kernel for {p0.dtype} on {p0.device.type} "
-                                f"with this state (optimlab's CPU kernels, fp32/fp64; "
-                                f"available: {_ext.available()})")
+        code = fused_cpu_code("RMSProp", params, states, keys)
         slots = []
         for p, state in zip(params, states):
             state["step"] += 1
