@@ -573,6 +573,7 @@ def _ddp_worker(rank, world, port, out_dir):
                 accumulate_and_step(ddp, opt, mine, loss_fn, max_grad_norm=DDP_CLIP)
             results[mode] = params(model)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()          # no rank tears gloo down while its peer is still talking
     finally:
         dist.destroy_process_group()
 

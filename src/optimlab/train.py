@@ -827,6 +827,8 @@ def _run(cfg: TrainConfig, state: dict | None, *, handle_signals: bool,
     finally:
         stop.restore()
         if own_group and dist.is_initialized():
+            if sys.exc_info()[0] is None:
+                dist.barrier()          # no process tears gloo down while a peer still talks
             dist.destroy_process_group()
 
 
