@@ -50,7 +50,8 @@
                   one pass over memory per step) or, for the Adam family, torch's own
                   ``_fused_adam_``/``_fused_adamw_`` with transformed scalars (CPU and CUDA).
                   A bucket no fused kernel takes raises RuntimeError saying why.
-  ``auto``        (default) ``fused`` where a fused kernel takes the bucket; else ``foreach``
+  ``auto``        (default) ``fused`` where a fused kernel takes the bucket (torch's Adam
+                  kernels only where they need no transformed scalars); else ``foreach``
                   on accelerators and ``reference`` on CPU, where torch's foreach kernels are
                   per-tensor loops themselves (and, in float16/bfloat16, round scalar operands
                   to the tensor dtype, unlike the per-tensor ops)

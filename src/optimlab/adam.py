@@ -173,6 +173,15 @@ def torch_fused_adam_scalars(group: dict, step: int) -> tuple[bool, float, float
     return True, lr_k, eps_k, f_wd / lr_k
 
 
+def torch_fused_is_exact(group: dict) -> bool:
+    """True when `torch_fused_adam_scalars` hands torch's fused kernels this group's own lr, eps
+    and weight decay (torch.optim's Adam/AdamW semantics), so they compute what the reference
+    kernel computes; ``impl="auto"`` uses torch's kernels only then."""
+    decoupled = group["weight_decay"] != 0 and group["wd_mode"] != "l2"
+    return group["correct_bias"] and group["eps_placement"] == "sqrt_v_hat" and (
+        not decoupled or (group["wd_mode"] == "decoupled" and not group["wd_after_update"]))
+
+
 class Adam(Optimizer):
     r"""Adam with every published choice named (see the module docstring for the math).
 
@@ -288,6 +297,10 @@ class Adam(Optimizer):
                        group["maximize"], amsgrad, group["eps_placement"] == "sqrt_v_hat",
                        group["correct_bias"]))
             return "fused-cpu"
+        if self.impl == "auto" and not torch_fused_is_exact(group):
+            raise NoFusedKernel("torch's fused kernels compute this variant with transformed "
+                                "scalars (equal up to float rounding, not bit for bit): "
+                                "impl='fused' uses them, impl='auto' does not")
         return self._torch_fused_update(group, params, states, keys, amsgrad)
 
     def _torch_fused_update(self, group, params, states, keys, amsgrad) -> str:
