@@ -5,7 +5,7 @@ On the GPT-2-small parameter set (124.4M fp32 parameters), AdamW with optimlab's
 
 * ``torch fused AdamW``: ``torch.optim.AdamW(fused=True)`` (torch's semantics; the target);
 * ``optimlab kernel``: optimlab's compiled CPU kernel (``impl="fused"``);
-* ``torch._fused_adamw_ mapping``: optimlab's exact mapping of its semantics onto torch's own
+* ``torch._fused_adamw_ mapping``: optimlab's algebraic mapping of its semantics onto torch's own
   kernel (what ``impl="fused"`` runs without a C++ compiler, and on CUDA);
 * ``torch.compile``: the same step written with torch ops, compiled by inductor, with lr and
   the bias corrections passed as 0-dim tensors so that changing them does not recompile;
@@ -99,6 +99,7 @@ def main(argv=None) -> int:
         gs = [p.grad for p in params]
         state = {"t": 0}
 
+        @torch.no_grad()                    # an optimizer step: in-place on leaf parameters
         def compiled_step():
             state["t"] += 1
             t = state["t"]
