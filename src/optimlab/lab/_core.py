@@ -28,7 +28,13 @@ from typing import Any, Callable, Iterable, Sequence
 
 from ..train import _atomic_write, _environment
 
-__all__ = ["Lab", "Cell", "parse_grid", "fmt", "mean", "std"]
+__all__ = ["Lab", "Cell", "parse_grid", "fmt", "mean", "std", "how_measured"]
+
+
+def how_measured(doc: str) -> str:
+    """The "What is measured." part of an experiment module's docstring, as one paragraph (the
+    report's **How.**)."""
+    return doc.split("What is measured.")[1].strip().replace("\n", " ")
 
 
 @dataclass

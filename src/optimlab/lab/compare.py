@@ -18,7 +18,7 @@ import torch
 
 from ..registry import get_spec, list_optimizers, param_groups_weight_decay
 from ..train import default_lr
-from ._core import Cell, Lab, fmt, mean, std
+from ._core import Cell, Lab, fmt, how_measured, mean, std
 from ._data import FEATURE_MODEL, evaluate, fit, linear_head, sst_features
 from ._plot import plt, save
 
@@ -102,8 +102,7 @@ def run(opts):
         title="Every optimizer on SST-5, each at its own learning rate",
         claim="(a survey, not a claim of seed 002) how the optimizers of optimlab compare on "
               "the sentiment task once each has its own learning rate.",
-        conclusion=conclusion, how=__doc__.split("What is measured.")[1].strip().replace(
-            "\n", " "),
+        conclusion=conclusion, how=how_measured(__doc__),
         sections=[f"### Ranking ({cfg['seeds']} seeds at the chosen lr)", "", "\n".join(rows)],
         figures=[(fig.name, "Training loss and dev accuracy per epoch at each optimizer's "
                             "chosen lr (mean over seeds)")],

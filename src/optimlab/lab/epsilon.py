@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..adam import AdamW
-from ._core import Cell, Lab, fmt, mean
+from ._core import Cell, Lab, fmt, how_measured, mean
 from ._data import FEATURE_MODEL, evaluate, fit, linear_head, sst_features, xent
 from ._plot import plt, save
 
@@ -118,7 +118,7 @@ def run(opts):
         claim="the two placements of epsilon are different optimizers in early steps and with "
               "small gradients, and the same optimizer otherwise (seed 002).",
         conclusion=conclusion,
-        how=__doc__.split("What is measured.")[1].strip().replace("\n", " "),
+        how=how_measured(__doc__),
         sections=["### Drift between the two placements (mean over seeds)", "", "\n".join(rows)],
         figures=[(fig_path.name, "Left/middle: drift between the placements per update (the "
                   "eps 1e-6 / loss x0.001 curve lies under eps 1e-3 / loss x1: Adam is invariant "

@@ -30,7 +30,7 @@ from ..adam import AdamW
 from ..registry import param_groups_weight_decay
 from ..sgd import SGD
 from ..train import default_lr
-from ._core import Cell, Lab, fmt, mean, std
+from ._core import Cell, Lab, fmt, how_measured, mean, std
 from ._data import FEATURE_MODEL, evaluate, fit, linear_head, sst_features
 from ._plot import plt, save
 
@@ -127,8 +127,7 @@ def run(opts):
         claim="Adafactor's factored second moment (and dropping the first moment) cuts the "
               "optimizer state from Adam's 8 bytes per parameter to almost nothing; bf16 "
               "moments halve Adam's (seed 002).",
-        conclusion=conclusion, how=__doc__.split("What is measured.")[1].strip().replace(
-            "\n", " "),
+        conclusion=conclusion, how=how_measured(__doc__),
         sections=["### State bytes and dev accuracy", "", "\n".join(rows)],
         figures=[(fig.name, "Optimizer state per model (left) and SST-5 dev accuracy (right)")],
         numbers={"table": table})

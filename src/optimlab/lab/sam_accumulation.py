@@ -27,7 +27,7 @@ from ..adam import AdamW
 from ..registry import param_groups_weight_decay
 from ..sam import SAM, accumulate_and_step
 from ..train import _split
-from ._core import Cell, Lab, fmt, mean, std
+from ._core import Cell, Lab, fmt, how_measured, mean, std
 from ._data import FEATURE_MODEL, evaluate, fit, linear_head, sst_features, xent
 from ._plot import plt, save
 
@@ -141,8 +141,7 @@ def run(opts):
         title="SAM with gradient accumulation: seed 004's loop vs the correct helper",
         claim="seed 004's loop (second pass replays the last micro-batch) computes a different "
               "update than SAM on the whole batch; `accumulate_and_step` computes the right one.",
-        conclusion=conclusion, how=__doc__.split("What is measured.")[1].strip().replace(
-            "\n", " "),
+        conclusion=conclusion, how=how_measured(__doc__),
         sections=["### Results", "", "\n".join(rows)],
         figures=[(fig.name, "Dev accuracy per epoch (left); distance and cosine between the "
                             "naive and the correct update from the same weights (right)")],

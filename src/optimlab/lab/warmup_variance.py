@@ -29,7 +29,7 @@ import torch
 
 from ..adam import Adam
 from ..radam import RAdam
-from ._core import Cell, Lab, fmt, mean, std
+from ._core import Cell, Lab, fmt, how_measured, mean, std
 from ._data import fit, lm_corpus, lm_loss, tiny_lm
 from ._plot import plt, save
 
@@ -108,8 +108,7 @@ def run(opts):
         claim="the adaptive learning rate has a large variance in the first steps; without "
               "warmup Adam's early updates are too large and training diverges or lags, and "
               "RAdam's rectification removes the need for warmup (seeds 002, 003).",
-        conclusion=conclusion, how=__doc__.split("What is measured.")[1].strip().replace(
-            "\n", " "),
+        conclusion=conclusion, how=how_measured(__doc__),
         sections=["### Per method (mean +- std over seeds)", "", "\n".join(rows)],
         figures=[(fig.name, "Training loss (mean and min-max over seeds), spread of the "
                             "adaptive lr, and update size, per update")],

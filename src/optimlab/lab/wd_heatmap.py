@@ -31,7 +31,7 @@ import torch
 
 from ..adam import AdamW
 from ..registry import param_groups_weight_decay
-from ._core import Cell, Lab, fmt, mean, parse_grid, std
+from ._core import Cell, Lab, fmt, how_measured, mean, parse_grid, std
 from ._data import FEATURE_MODEL, evaluate, fit, linear_head, sst_features
 from ._plot import plt, save
 
@@ -111,8 +111,7 @@ def run(opts):
         claim="with PyTorch's lr-coupled decay (`decoupled`) the best weight decay shifts with "
               "the learning rate; with truly decoupled (`independent`) decay it does not "
               "(seed 002, AdamW section).",
-        conclusion=conclusion, how=__doc__.split("What is measured.")[1].strip().replace(
-            "\n", " "),
+        conclusion=conclusion, how=how_measured(__doc__),
         sections=sections, figures=[(figure.name, "Mean dev accuracy over seeds; the star marks "
                                     "each lr's best weight decay, the dot its edge")],
         numbers={"summary": summary,
