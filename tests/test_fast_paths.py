@@ -390,6 +390,64 @@ def test_nonfinite_gradient_skips_the_whole_step(name, make, impl, bad):
 
 
 @requires_kernels
+@pytest.mark.parametrize("where", ["vector", "matrix-last-row", "split-matrix", "first-step"])
+def test_adafactor_checks_gradients_inside_its_kernel(where):
+    """Adafactor's fused kernel runs pass 1 of every tensor of every group before writing
+    anything and finds inf/NaN on the way (no separate read): the step over two groups is
+    one kernel call, equals the group-by-group path, and a non-finite gradient anywhere leaves
+    every parameter and state tensor as it was (on a skipped first step: no state at all)."""
+    def make(ps, **kw):
+        return A.Adafactor([{"params": ps[:4]},
+                            {"params": ps[4:], "beta1": 0.9, "weight_decay": 0.1,
+                             "scale_parameter": False}], **kw)
+    shapes = [(7,), (5, 3), (2, 4, 3), (300, 400), (9,), (260, 270), (70_000,), (700, 200)]
+    runs = {how: make_params(shapes) for how in ("checked", "ignore", "reference")}
+    opts = {"checked": make(runs["checked"]), "ignore": make(runs["ignore"], nonfinite="ignore"),
+            "reference": make(runs["reference"], impl="reference")}
+    g = torch.Generator().manual_seed(5)
+    steps = 0 if where == "first-step" else 4
+    for _ in range(steps):
+        noise = [torch.randn(s, generator=g) for s in shapes]
+        for how, o in opts.items():
+            set_grads(runs[how], noise)
+            o.step()
+    assert opts["checked"].last_step_impls == (("fused-cpu",) if steps else ())
+    assert_same({k: (runs[k], opts[k]) for k in runs})
+    ps, opt = runs["checked"], opts["checked"]
+    before = [p.detach().clone() for p in ps]
+    state = copy.deepcopy(opt.state_dict())
+    set_grads(ps, [torch.randn(s, generator=g) for s in shapes])
+    bad = {"vector": (4, (8,)), "matrix-last-row": (5, (259, 269)),
+           "split-matrix": (7, (699, 0)), "first-step": (3, (0, 0))}[where]
+    ps[bad[0]].grad[bad[1]] = NAN
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.step()
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(ps, before))
+    after = opt.state_dict()["state"]
+    assert sorted(after) == sorted(state["state"])
+    for pid, s in state["state"].items():
+        for k, v in s.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(after[pid][k])), (pid, k)
+
+
+@requires_kernels
+def test_adafactor_overflowing_but_finite_gradient_is_not_skipped():
+    """A finite gradient whose square overflows makes pass 1's sum inf; the kernel then tests
+    the gradient's bits and, finding it finite, takes the step as the reference does."""
+    runs = {how: make_params([(50, 40), (6,)]) for how in ("auto", "reference")}
+    for how, ps in runs.items():
+        opt = A.Adafactor(ps, impl=how)
+        set_grads(ps, [torch.ones(50, 40), torch.ones(6)])
+        ps[0].grad[3, 3] = 3e30
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt.step()
+        assert opt.skipped_steps == 0
+    torch.testing.assert_close(runs["auto"], runs["reference"], equal_nan=True)
+
+
+@requires_kernels
 def test_the_finite_check_kernel():
     big = torch.randn(3 * 2 ** 16 + 5)
     for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):

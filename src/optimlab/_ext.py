@@ -150,6 +150,10 @@ def load() -> ctypes.CDLL | None:
             lib.optimlab_stream_copy.argtypes = [ctypes.c_void_p, ctypes.c_void_p,
                                                  ctypes.c_int64, ctypes.c_int]
             lib.optimlab_stream_copy.restype = None
+            lib.optimlab_adafactor_groups.argtypes = [
+                ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                ctypes.c_int, ctypes.c_int]
+            lib.optimlab_adafactor_groups.restype = ctypes.c_int
             lib.optimlab_all_finite.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
             lib.optimlab_all_finite.restype = ctypes.c_int
             _lib = lib
@@ -228,6 +232,21 @@ def call(name: str, dtype_code: int, slots: Sequence[int], width: int,
                                          hpa.buffer_info()[0], torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"optimlab fused CPU kernel {name} rejected dtype code {dtype_code}")
+
+
+def adafactor_groups(dtype_code: int, ngroups: int, hp: Sequence[float],
+                     slots: Sequence[int]) -> bool:
+    """Adafactor's whole step over several parameter groups (11 slots per tensor: the
+    adafactor layout, then the group index) with the non-finite check; True when a gradient
+    held inf or NaN and the step was skipped (nothing written)."""
+    lib = load()
+    tab = array("q", slots)
+    hpa = array("d", hp)
+    rc = lib.optimlab_adafactor_groups(dtype_code, ngroups, hpa.buffer_info()[0], len(tab) // 11,
+                                       tab.buffer_info()[0], torch.get_num_threads(), 1)
+    if rc < 0:
+        raise RuntimeError(f"optimlab fused CPU kernel adafactor rejected dtype code {dtype_code}")
+    return rc == 1
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool | None:

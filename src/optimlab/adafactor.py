@@ -392,8 +392,12 @@ class Adafactor(Optimizer):
         nonfinite: ``"skip"``, ``"raise"`` or ``"ignore"`` (see `optimlab._common.Optimizer`).
         impl: ``"auto"``, ``"reference"``, ``"foreach"`` or ``"fused"`` (see `optimlab._common`).
             The fused CPU kernel (fp32/fp64 weights with state in the same dtype) reads each
-            tensor in three passes: RMS(theta) with the row/column means of G^2; RMS(U) for the
-            clipping; the update.  bf16 weights with ``upcast`` run ``foreach``.
+            factored tensor twice: RMS(theta), the row/column means of G^2 and RMS(U) (as
+            d sum_j w_j / C_j with w_j = sum_i G_ij^2 / R_i, exact up to rounding; a pass of
+            its own only where the eps1^2 clamp can bind); then the update.  With
+            ``nonfinite="skip"`` it runs the first pass of every tensor of every group before
+            writing anything and checks the gradients there.  bf16 weights with ``upcast`` run
+            ``foreach``.
 
     State per parameter: ``step`` (int); ``exp_avg`` (m, only when beta1 is not None);
     ``exp_avg_sq_row`` (shape[:-1]) and ``exp_avg_sq_col`` (shape[:-2] + shape[-1:]) for
@@ -547,19 +551,21 @@ class Adafactor(Optimizer):
             if w is not p:
                 p.copy_(w)
 
-    def _fused_update(self, group, params, states) -> str:
-        p0, st0 = params[0], states[0]
-        code = {torch.float32: 0, torch.float64: 2}.get(p0.dtype)
-        tensors = [k for k in ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq")
-                   if k in st0]
-        if p0.device.type != "cpu" or code is None or not _ext.available() or \
-                any(st0[k].dtype != p0.dtype for k in tensors):
-            raise NoFusedKernel(f"no fused Adafactor kernel for {p0.dtype} on {p0.device.type} "
-                                f"with {st0[tensors[-1]].dtype} state (optimlab's CPU kernels: "
-                                f"fp32/fp64 weights and state; available: {_ext.available()})")
+    def _fused_slots(self, group, params, states) -> tuple[int, list[int]]:
+        """The fused kernel's dtype code and per-tensor slots for one bucket (advances
+        ``step``), or `NoFusedKernel`."""
+        code = {torch.float32: 0, torch.float64: 2}.get(params[0].dtype)
         for p, st in zip(params, states):
+            tensors = [st[k] for k in ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col",
+                                       "exp_avg_sq") if k in st]
+            if p.device.type != "cpu" or code is None or p.dtype != params[0].dtype or \
+                    not _ext.available() or any(t.dtype != p.dtype for t in tensors):
+                raise NoFusedKernel(
+                    f"no fused Adafactor kernel for {p.dtype} on {p.device.type} with "
+                    f"{tensors[-1].dtype} state (optimlab's CPU kernels: fp32/fp64 weights and "
+                    f"state; available: {_ext.available()})")
             if not (p.is_contiguous() and p.grad.is_contiguous()
-                    and all(st[k].is_contiguous() for k in tensors)):
+                    and all(t.is_contiguous() for t in tensors)):
                 raise NoFusedKernel("the fused Adafactor kernel needs contiguous tensors")
         slots = []
         for p, st in zip(params, states):
@@ -572,20 +578,70 @@ class Adafactor(Optimizer):
                 geometry = (batches, shape[-2], shape[-1])
             else:
                 geometry = (1, p.numel(), 0)
-            slots += (p.data_ptr(), p.grad.data_ptr(),
-                      st["exp_avg"].data_ptr() if "exp_avg" in st else 0,
-                      st["exp_avg_sq_row"].data_ptr() if "exp_avg_sq_row" in st else 0,
-                      st["exp_avg_sq_col"].data_ptr() if "exp_avg_sq_col" in st else 0,
-                      st["exp_avg_sq"].data_ptr() if "exp_avg_sq" in st else 0,
-                      *geometry, st["step"])
+            slots.append((p.data_ptr(), p.grad.data_ptr(),
+                          st["exp_avg"].data_ptr() if "exp_avg" in st else 0,
+                          st["exp_avg_sq_row"].data_ptr() if "exp_avg_sq_row" in st else 0,
+                          st["exp_avg_sq_col"].data_ptr() if "exp_avg_sq_col" in st else 0,
+                          st["exp_avg_sq"].data_ptr() if "exp_avg_sq" in st else 0,
+                          *geometry, st["step"]))
+        return code, slots
+
+    def _fused_hp(self, group) -> tuple[float, ...]:
         wd, decay_factor, wd_l2 = self._decay(group)
         nan = float("nan")
         beta1 = group["beta1"]
-        _ext.call("adafactor", code, slots, 10, (
-            group["lr"], self._group_eps1, group["eps"][1], group["clip_threshold"],
-            group["decay_rate"], nan if beta1 is None else beta1, wd,
-            nan if decay_factor is None else decay_factor, wd_l2, group["wd_after_update"],
-            group["scale_parameter"], group["relative_step"], group["warmup_init"],
-            group["eps1_placement"] == "grad_sq", group["momentum_of"] == "update",
-            group["maximize"]))
+        return (group["lr"], self._group_eps1, group["eps"][1], group["clip_threshold"],
+                group["decay_rate"], nan if beta1 is None else beta1, wd,
+                nan if decay_factor is None else decay_factor, wd_l2, group["wd_after_update"],
+                group["scale_parameter"], group["relative_step"], group["warmup_init"],
+                group["eps1_placement"] == "grad_sq", group["momentum_of"] == "update",
+                group["maximize"])
+
+    def _fused_update(self, group, params, states) -> str:
+        code, slots = self._fused_slots(group, params, states)
+        _ext.call("adafactor", code, [x for s in slots for x in s], 10, self._fused_hp(group))
         return "fused-cpu"
+
+    def _checked_step(self, work) -> bool | None:
+        """The whole step (every group) in one call of the fused kernel, which runs pass 1 of
+        every tensor before it writes anything and finds non-finite gradients on the way."""
+        if self.impl not in ("auto", "fused") or not _ext.available():
+            return None
+        live = [(group, params) for group, params in work if params]
+        dtypes = {p.dtype for _, params in live for p in params}
+        if len(dtypes) != 1 or any(p.device.type != "cpu" for _, ps in live for p in ps):
+            return None
+        fresh, counted, slots, hps = [], [], [], []
+        try:
+            for gi, (group, params) in enumerate(live):
+                states = []
+                for p in params:
+                    known = p in self.state
+                    state = self.state[p]
+                    if not state:
+                        state.update(self._init_state(p, group))
+                        fresh.append((p, known))
+                    states.append(state)
+                eps1 = group["eps"][0]
+                self._group_eps1 = torch.finfo(params[0].dtype).eps if eps1 is None else eps1
+                code, group_slots = self._fused_slots(group, params, states)
+                counted.extend(states)
+                slots.extend(x for s in group_slots for x in (*s, gi))
+                hps.extend(self._fused_hp(group))
+            skipped = _ext.adafactor_groups(code, len(live), hps, slots)
+        except NoFusedKernel:
+            skipped = None
+        finally:
+            self._group_eps1 = None
+        if skipped is not False:             # not run, or run and skipped: undo the counters
+            for state in counted:
+                state["step"] -= 1
+            for p, known in fresh:           # as before the step: no state, or an empty one
+                if known:
+                    self.state[p].clear()
+                else:
+                    del self.state[p]
+        if skipped is None:
+            return None
+        self._used.add("fused-cpu")
+        return not skipped

@@ -418,8 +418,15 @@ void radam_kernel(int64_t nt, const int64_t* tab, const double* hp, int nthreads
 //     decay_factor (NaN: alpha_t), wd_l2, wd_after_update, scale_parameter, relative_step,
 //     warmup_init, grad_sq (eps1 placement), momentum_of_update, maximize
 //
-// Three passes over each tensor: (1) sum of p^2 and the row/column means of the squared
-// gradient, (2) sum of U^2 for the update clipping, (3) the update.  Tensors with fewer than
+// Two passes over each factored tensor: (1) sum of p^2, the row/column means of the squared
+// gradient and what the update clipping needs, (3) the update.  RMS(U) needs no pass of its
+// own: with the new row statistic R_i known as soon as row i is summed,
+//   sum_ij U_ij^2 = sum_ij (r_i c_j G_ij)^2 = d sum_j (1/C_j) w_j,  w_j = sum_i G_ij^2 / R_i,
+// where r_i = (R_i/d)^(-1/2), c_j = C_j^(-1/2) and d = mean(R) (grad_sq layout) or
+// max(mean(R), eps1) (clamp layout, where the clamp at eps1^2 cannot bind; where it can, a
+// pass (2) sums U^2 element by element).  w_j is summed in pass 1 from the row still in L1,
+// in double; the sum differs from the reference's float32 sum of U^2 by rounding only.
+// Vectors (unfactored) keep pass (2), which also updates their v.  Tensors with fewer than
 // 64K elements are spread whole over the threads; larger ones are split by rows.
 template <typename T>
 struct AdafactorTensor {
@@ -460,15 +467,58 @@ struct Adafactor {
     bool factorized;       // U = (r_i c_j) G  (always with grad_sq; clamp where it cannot bind)
   };
 
-  // ---- pass 1: sum of theta^2 and row/column sums of the squared gradient
+  // ---- the new row statistic R_i from the row's sum of squares (pass 1 and middle agree)
+  inline T row_stat(T old, double rsum, int64_t m, const Scal& sc, bool wsmall) const {
+    T x = T(rsum / double(m));
+    return grad_sq ? fma(sc.one_minus_beta2, x, old * sc.beta2) : lerp(old, x, sc.weight, wsmall);
+  }
+
+  // ---- the step's decay scalars (before pass 1: the row statistics need them)
+  void scalars(const AdafactorTensor<T>& t, Scal& sc) const {
+    sc.beta2 = sc.one_minus_beta2 = sc.weight = T(0);
+    if (grad_sq) {
+      double b2 = 1.0 - std::pow(double(t.step), decay_rate);
+      sc.beta2 = T(b2);
+      sc.one_minus_beta2 = T(1.0 - b2);
+    } else {
+      sc.weight = T(std::pow(double(t.step), decay_rate));
+    }
+  }
+
+  // ---- pass 1: sum of theta^2, row/column sums of the squared gradient and w_j
+  // The column sums and w_j are summed in T over blocks of up to 16 rows, each block's sums
+  // then added into double: a vector add per element instead of two conversions and two
+  // double adds (pass 1 reads p and g from memory; the sums must not slow it down).
   template <bool READP>
-  void pass1_rows(const AdafactorTensor<T>& t, int64_t r0, int64_t r1, double& sum_p2,
-                  double* rowsum, double* colacc) const {
+  void pass1_rows(const AdafactorTensor<T>& t, const Scal& sc, int64_t r0, int64_t r1,
+                  double& sum_p2, double* rowsum, double* colacc, double* wacc) const {
+    constexpr int64_t BLOCK = 16;
     const T e1 = grad_sq ? T(eps1) : T(0), sg = sign, l = l2;
+    const bool wsmall = std::abs(sc.weight) < T(0.5);
+    std::vector<T> cbuf(size_t(2 * t.m), T(0));
+    T* __restrict cb = cbuf.data();
+    T* __restrict wb = cbuf.data() + t.m;
+    int64_t cur = -1, in_block = 0;
+    auto flush = [&]() {
+      if (cur < 0) return;
+      double* __restrict col = colacc + cur * t.m;
+      double* __restrict w = wacc + cur * t.m;
+      for (int64_t j = 0; j < t.m; j++) {
+        col[j] += double(cb[j]);
+        w[j] += double(wb[j]);
+        cb[j] = T(0);
+        wb[j] = T(0);
+      }
+    };
     for (int64_t r = r0; r < r1; r++) {
       const T* __restrict g = t.g + r * t.m;
       const T* __restrict p = t.p + r * t.m;
-      double* __restrict col = colacc + (r / t.n) * t.m;
+      if (r / t.n != cur || in_block == BLOCK) {
+        flush();
+        cur = r / t.n;
+        in_block = 0;
+      }
+      in_block++;
       T rs = 0, ps = 0;
 #pragma omp simd reduction(+ : rs, ps)
       for (int64_t j = 0; j < t.m; j++) {
@@ -477,15 +527,23 @@ struct Adafactor {
         T sq = gi * gi + e1;               // + eps1 with grad_sq (exact + 0 otherwise)
         rs += sq;
         ps += pj * pj;
-        col[j] += double(sq);
+        cb[j] += sq;
       }
       rowsum[r] = double(rs);
       sum_p2 += double(ps);
+      const T inv = T(1.0 / double(row_stat(t.row[r], double(rs), t.m, sc, wsmall)));
+#pragma omp simd
+      for (int64_t j = 0; j < t.m; j++) {  // the row is in L1
+        T pj = READP ? p[j] : T(0);
+        T gi = fma(l, pj, sg * g[j]);
+        wb[j] += (gi * gi) * inv;
+      }
     }
+    flush();
   }
 
-  void pass1(const AdafactorTensor<T>& t, int64_t r0, int64_t r1, double& sum_p2,
-             double* rowsum, double* colacc) const {
+  void pass1(const AdafactorTensor<T>& t, const Scal& sc, int64_t r0, int64_t r1,
+             double& sum_p2, double* rowsum, double* colacc, double* wacc) const {
     if (t.m == 0) {
       if (scale) {
         double acc = 0;
@@ -496,12 +554,28 @@ struct Adafactor {
       }
       return;
     }
-    if (scale || wd_l2 != 0) pass1_rows<true>(t, r0, r1, sum_p2, rowsum, colacc);
-    else pass1_rows<false>(t, r0, r1, sum_p2, rowsum, colacc);
+    if (scale || wd_l2 != 0) pass1_rows<true>(t, sc, r0, r1, sum_p2, rowsum, colacc, wacc);
+    else pass1_rows<false>(t, sc, r0, r1, sum_p2, rowsum, colacc, wacc);
     if (!scale) sum_p2 = 0;
   }
 
-  // ---- between pass 1 and 2: alpha_t, the second-moment updates, the row/column factors
+  // sum of U^2 of a factored tensor from pass 1's w (after middle), or -1 where the clamp at
+  // eps1^2 can bind and pass 2 must sum U^2 element by element
+  double sum_u2(const AdafactorTensor<T>& t, const Scal& sc, const T* cfac,
+                const double* wsum) const {
+    if (t.m == 0 || !sc.factorized) return -1;
+    double total = 0;
+    for (int64_t b = 0; b < t.B; b++) {
+      const T* col = t.col + b * t.m;
+      const double* w = wsum + b * t.m;
+      double acc = 0;
+      for (int64_t j = 0; j < t.m; j++) acc += w[j] / double(col[j]);
+      total += acc * double(cfac[t.B * t.m + b]);
+    }
+    return total;
+  }
+
+  // ---- between the passes: alpha_t, the second-moment updates, the row/column factors
   void middle(const AdafactorTensor<T>& t, double sum_p2, const double* rowsum,
               const double* colsum, T* rfac, T* cfac, Scal& sc) const {
     const double r = rho(t.step);
@@ -516,13 +590,6 @@ struct Adafactor {
       sc.alpha = std::max(eps2, rms) * r;
     }
     sc.alpha_t = T(sc.alpha);
-    if (grad_sq) {
-      double b2 = 1.0 - std::pow(double(t.step), decay_rate);
-      sc.beta2 = T(b2);
-      sc.one_minus_beta2 = T(1.0 - b2);
-    } else {
-      sc.weight = T(std::pow(double(t.step), decay_rate));
-    }
     // the shrink: theta * (1 - f wd) (decay_scale "lr"), or theta - alpha_t wd theta
     T mul = T(1), add = T(0);
     if (wd != 0) {
@@ -545,9 +612,7 @@ struct Adafactor {
       T* cf = cfac + b * t.m;
       double rmean = 0;
       for (int64_t i = 0; i < t.n; i++) {
-        T x = T(rsum[i] / double(t.m));
-        row[i] = grad_sq ? fma(sc.one_minus_beta2, x, row[i] * sc.beta2)
-                         : lerp(row[i], x, sc.weight, wsmall);
+        row[i] = row_stat(row[i], rsum[i], t.m, sc, wsmall);
         rmean += double(row[i]);
       }
       for (int64_t j = 0; j < t.m; j++) {
@@ -559,6 +624,7 @@ struct Adafactor {
       if (grad_sq) {                     // U = rsqrt(R / mean R) rsqrt(C) G
         for (int64_t i = 0; i < t.n; i++) rf[i] = T(1) / std::sqrt(row[i] / mean);
         for (int64_t j = 0; j < t.m; j++) cf[j] = T(1) / std::sqrt(col[j]);
+        cfac[t.B * t.m + b] = mean;      // d of sum_u2
       } else {                           // U = rsqrt(max(R C / max(mean R, eps1), eps1^2)) G
         T den = std::max(mean, T(eps1));
         T rmin = row[0], cmin = col[0];
@@ -662,11 +728,12 @@ struct Adafactor {
 
   // theta and exp_avg for one element with U = u; GS: the grad_sq (transformers) layout;
   // MOM: 0 no first moment, 1 of the scaled update, 2 of the update
-  template <bool GS, int MOM>
+  // DIV = false: clip_div is 1 (the clipping does not bind), and u / 1 = u exactly
+  template <bool GS, int MOM, bool DIV = true>
   static inline T apply(T pi, T u, T* __restrict ea, int64_t j, const Scal& sc) {
     pi = fma(sc.pre_add, pi, pi * sc.pre_mul);
     if (GS) {
-      u = u / sc.clip_div;
+      if (DIV) u = u / sc.clip_div;
       if (MOM == 0) {
         pi = pi - u * sc.alpha_t;
       } else if (MOM == 1) {
@@ -695,7 +762,7 @@ struct Adafactor {
   }
 
   // ---- pass 3: the update
-  template <bool GS, bool PRODUCT, int MOM>
+  template <bool GS, bool PRODUCT, int MOM, bool DIV>
   void pass3_rows(const AdafactorTensor<T>& t, const Scal& sc, const T* rfac, const T* cfac,
                   int64_t r0, int64_t r1) const {
     const T e2 = T(eps1 * eps1), sg = sign, l = l2;
@@ -712,7 +779,7 @@ struct Adafactor {
         T gi = fma(l, pj, sg * g[j]);
         T u = PRODUCT ? (rv * cf[j]) * gi
                       : (T(1) / std::sqrt(std::max((rv * cf[j]) / den, e2))) * gi;
-        p[j] = apply<GS, MOM>(pj, u, ea, j, sc);
+        p[j] = apply<GS, MOM, DIV>(pj, u, ea, j, sc);
       }
     }
   }
@@ -720,9 +787,14 @@ struct Adafactor {
   template <bool GS, bool PRODUCT>
   void pass3_mom(const AdafactorTensor<T>& t, const Scal& sc, const T* rfac, const T* cfac,
                  int64_t r0, int64_t r1) const {
-    if (!has_beta1) pass3_rows<GS, PRODUCT, 0>(t, sc, rfac, cfac, r0, r1);
-    else if (!of_update) pass3_rows<GS, PRODUCT, 1>(t, sc, rfac, cfac, r0, r1);
-    else pass3_rows<GS, PRODUCT, 2>(t, sc, rfac, cfac, r0, r1);
+    const bool div = !GS || sc.clip_div != T(1);
+#define OPTIMLAB_P3(MOM)                                                       \
+    (div ? pass3_rows<GS, PRODUCT, MOM, true>(t, sc, rfac, cfac, r0, r1)       \
+         : pass3_rows<GS, PRODUCT, MOM, false>(t, sc, rfac, cfac, r0, r1))
+    if (!has_beta1) OPTIMLAB_P3(0);
+    else if (!of_update) OPTIMLAB_P3(1);
+    else OPTIMLAB_P3(2);
+#undef OPTIMLAB_P3
   }
 
   template <bool GS, int MOM>
@@ -759,26 +831,29 @@ struct Adafactor {
 
   // one whole tensor on the calling thread (small tensors)
   void serial(const AdafactorTensor<T>& t, std::vector<double>& rowsum,
-              std::vector<double>& colsum, std::vector<T>& rfac, std::vector<T>& cfac) const {
+              std::vector<double>& colsum, std::vector<double>& wsum, std::vector<T>& rfac,
+              std::vector<T>& cfac) const {
     if (t.numel == 0) return;
     int64_t rows = t.m ? t.B * t.n : t.numel;
     rowsum.assign(t.m ? rows : 0, 0.0);
     colsum.assign(t.m ? t.B * t.m : 0, 0.0);
+    wsum.assign(t.m ? t.B * t.m : 0, 0.0);
     rfac.assign(t.m ? rows : 0, T(0));
     cfac.assign(t.m ? t.B * (t.m + 1) : 0, T(0));
     double sum_p2 = 0;
-    pass1(t, 0, rows, sum_p2, rowsum.data(), colsum.data());
     Scal sc;
+    scalars(t, sc);
+    pass1(t, sc, 0, rows, sum_p2, rowsum.data(), colsum.data(), wsum.data());
     middle(t, sum_p2, rowsum.data(), colsum.data(), rfac.data(), cfac.data(), sc);
-    double su = pass2(t, sc, rfac.data(), cfac.data(), 0, rows);
+    double su = sum_u2(t, sc, cfac.data(), wsum.data());
+    if (su < 0) su = pass2(t, sc, rfac.data(), cfac.data(), 0, rows);
     finish_clip(su, sc);
     pass3(t, sc, rfac.data(), cfac.data(), 0, rows);
   }
 };
 
 template <typename T>
-void adafactor_kernel(int64_t nt, const int64_t* tab, const double* hp, int nthreads) {
-  Adafactor<T> a;
+void adafactor_init(Adafactor<T>& a, const double* hp) {
   a.lr = hp[0]; a.eps1 = hp[1]; a.eps2 = hp[2]; a.clip = hp[3]; a.decay_rate = hp[4];
   a.has_beta1 = !std::isnan(hp[5]); a.beta1 = a.has_beta1 ? hp[5] : 0.0;
   a.wd = hp[6]; a.alpha_decay = std::isnan(hp[7]); a.decay_factor = a.alpha_decay ? 0.0 : hp[7];
@@ -787,8 +862,32 @@ void adafactor_kernel(int64_t nt, const int64_t* tab, const double* hp, int nthr
   a.maximize = hp[15] != 0;
   a.sign = a.maximize ? T(-1) : T(1);
   a.l2 = T(a.wd_l2);
-  Table<T> tb{tab, 10};
+}
+
+// What pass 1 leaves for the rest of a tensor's step.
+template <typename T>
+struct AdafactorWork {
+  std::vector<double> rowsum, colsum, wsum;
+  double sum_p2 = 0;
+  bool finite = true;                 // with the check: no inf/NaN met in pass 1
+  typename Adafactor<T>::Scal sc;
+};
+
+// One step of every tensor of a call; tensors may belong to different parameter groups (table
+// slot 10, when width > 10; hp holds 16 doubles per group).  check: the whole step is skipped
+// when a gradient holds inf or NaN, found without a pass of its own: pass 1 of every tensor
+// runs before anything is written, and a non-finite gradient makes its row's sum of squares
+// (or, for vectors, the bit test that pass 1 then makes) non-finite; a non-finite sum whose
+// gradient turns out finite (g^2 overflowed) is confirmed by a bit test.  Returns 1 when the
+// step was skipped, else 0.
+template <typename T>
+int adafactor_step(int64_t ngroups, const double* hps, int64_t nt, const int64_t* tab,
+                   int64_t width, int nthreads, bool check) {
+  std::vector<Adafactor<T>> A(ngroups);
+  for (int64_t g = 0; g < ngroups; g++) adafactor_init(A[g], hps + 16 * g);
+  Table<T> tb{tab, width};
   std::vector<AdafactorTensor<T>> ts(nt);
+  std::vector<const Adafactor<T>*> af(nt);
   int64_t total = 0;
   for (int64_t k = 0; k < nt; k++) {
     AdafactorTensor<T>& t = ts[k];
@@ -801,25 +900,45 @@ void adafactor_kernel(int64_t nt, const int64_t* tab, const double* hp, int nthr
     t.B = tb.val(k, 6); t.n = tb.val(k, 7); t.m = tb.val(k, 8); t.step = tb.val(k, 9);
     t.numel = t.m ? t.B * t.n * t.m : t.n;
     total += t.numel;
+    af[k] = &A[width > 10 ? tb.val(k, 10) : 0];
   }
   const int nth = threads_for(total, nthreads);
-  // Tensors larger than a thread's fair share (GPT-2's token embedding) are split by rows
-  // among the threads, pass by pass; all others are whole-tensor tasks handed out largest
-  // first (dynamic: a descheduled thread does not hold the others up).
-  std::vector<int64_t> big, tasks;
-  for (int64_t k = 0; k < nt; k++)
-    (nth > 1 && ts[k].numel >= (1 << 16) && ts[k].numel * 2 * nth > total ? big : tasks)
-        .push_back(k);
-  std::sort(tasks.begin(), tasks.end(),
-            [&](int64_t x, int64_t y) { return ts[x].numel > ts[y].numel; });
-  for (int64_t k : big) {
+  std::vector<AdafactorWork<T>> W(nt);
+
+  // a whole tensor on the calling thread (small tensors)
+  auto phase1_one = [&](int64_t k) {
     const AdafactorTensor<T>& t = ts[k];
+    AdafactorWork<T>& w = W[k];
+    const int64_t rows = t.m ? t.B * t.n : t.numel;
+    w.rowsum.assign(t.m ? rows : 0, 0.0);
+    w.colsum.assign(t.m ? t.B * t.m : 0, 0.0);
+    w.wsum.assign(t.m ? t.B * t.m : 0, 0.0);
+    af[k]->scalars(t, w.sc);
+    af[k]->pass1(t, w.sc, 0, rows, w.sum_p2, w.rowsum.data(), w.colsum.data(), w.wsum.data());
+  };
+  auto phase2_one = [&](int64_t k) {
+    const AdafactorTensor<T>& t = ts[k];
+    AdafactorWork<T>& w = W[k];
+    const Adafactor<T>& a = *af[k];
+    const int64_t rows = t.m ? t.B * t.n : t.numel;
+    std::vector<T> rfac(t.m ? rows : 0), cfac(t.m ? t.B * (t.m + 1) : 0);
+    a.middle(t, w.sum_p2, w.rowsum.data(), w.colsum.data(), rfac.data(), cfac.data(), w.sc);
+    double su = a.sum_u2(t, w.sc, cfac.data(), w.wsum.data());
+    if (su < 0) su = a.pass2(t, w.sc, rfac.data(), cfac.data(), 0, rows);
+    a.finish_clip(su, w.sc);
+    a.pass3(t, w.sc, rfac.data(), cfac.data(), 0, rows);
+    w = AdafactorWork<T>();
+  };
+  // a tensor split by rows among the threads (larger than a thread's fair share)
+  auto phase1_split = [&](int64_t k) {
+    const AdafactorTensor<T>& t = ts[k];
+    AdafactorWork<T>& w = W[k];
     const int64_t rows = t.m ? t.B * t.n : t.numel;
     const int64_t ncol = t.m ? t.B * t.m : 0;
-    std::vector<double> rowsum(t.m ? rows : 0), colpart(size_t(nth) * ncol, 0.0),
-        colsum(ncol), part(nth, 0.0);
-    std::vector<T> rfac(t.m ? rows : 0), cfac(t.m ? ncol + t.B : 0);
-    typename Adafactor<T>::Scal sc;
+    std::vector<double> colpart(size_t(nth) * ncol, 0.0), wpart(size_t(nth) * ncol, 0.0),
+        part(nth, 0.0);
+    w.rowsum.assign(t.m ? rows : 0, 0.0);
+    af[k]->scalars(t, w.sc);
 #pragma omp parallel num_threads(nth)
     {
       int tid = 0, cnt = 1;
@@ -829,39 +948,116 @@ void adafactor_kernel(int64_t nt, const int64_t* tab, const double* hp, int nthr
 #endif
       int64_t r0 = rows * tid / cnt, r1 = rows * (tid + 1) / cnt;
       double sp = 0;
-      a.pass1(t, r0, r1, sp, rowsum.data(), colpart.data() + size_t(tid) * ncol);
+      af[k]->pass1(t, w.sc, r0, r1, sp, w.rowsum.data(), colpart.data() + size_t(tid) * ncol,
+                   wpart.data() + size_t(tid) * ncol);
       part[tid] = sp;
-#pragma omp barrier
-#pragma omp single
-      {
-        double sum_p2 = 0;
-        for (int i = 0; i < cnt; i++) sum_p2 += part[i];
-        for (int64_t j = 0; j < ncol; j++) {
-          double s = 0;
-          for (int i = 0; i < cnt; i++) s += colpart[size_t(i) * ncol + j];
-          colsum[j] = s;
-        }
-        a.middle(t, sum_p2, rowsum.data(), colsum.data(), rfac.data(), cfac.data(), sc);
-      }
-      part[tid] = a.pass2(t, sc, rfac.data(), cfac.data(), r0, r1);
-#pragma omp barrier
-#pragma omp single
-      {
-        double su = 0;
-        for (int i = 0; i < cnt; i++) su += part[i];
-        a.finish_clip(su, sc);
-      }
-      a.pass3(t, sc, rfac.data(), cfac.data(), r0, r1);
     }
+    w.colsum.assign(ncol, 0.0);
+    w.wsum.assign(ncol, 0.0);
+    for (int i = 0; i < nth; i++) {
+      w.sum_p2 += part[i];
+      for (int64_t j = 0; j < ncol; j++) {
+        w.colsum[j] += colpart[size_t(i) * ncol + j];
+        w.wsum[j] += wpart[size_t(i) * ncol + j];
+      }
+    }
+  };
+  auto phase2_split = [&](int64_t k) {
+    const AdafactorTensor<T>& t = ts[k];
+    AdafactorWork<T>& w = W[k];
+    const Adafactor<T>& a = *af[k];
+    const int64_t rows = t.m ? t.B * t.n : t.numel;
+    std::vector<T> rfac(t.m ? rows : 0), cfac(t.m ? t.B * (t.m + 1) : 0);
+    std::vector<double> part(nth, 0.0);
+    a.middle(t, w.sum_p2, w.rowsum.data(), w.colsum.data(), rfac.data(), cfac.data(), w.sc);
+    const double su = a.sum_u2(t, w.sc, cfac.data(), w.wsum.data());
+    if (su >= 0) a.finish_clip(su, w.sc);
+#pragma omp parallel num_threads(nth)
+    {
+      int tid = 0, cnt = 1;
+#ifdef _OPENMP
+      tid = omp_get_thread_num();
+      cnt = omp_get_num_threads();
+#endif
+      int64_t r0 = rows * tid / cnt, r1 = rows * (tid + 1) / cnt;
+      if (su < 0) {                      // vectors, or the clamp can bind: sum U^2 here
+        part[tid] = a.pass2(t, w.sc, rfac.data(), cfac.data(), r0, r1);
+#pragma omp barrier
+#pragma omp single
+        {
+          double s = 0;
+          for (int i = 0; i < cnt; i++) s += part[i];
+          a.finish_clip(s, w.sc);
+        }
+      }
+      a.pass3(t, w.sc, rfac.data(), cfac.data(), r0, r1);
+    }
+    w = AdafactorWork<T>();
+  };
+  // the finite check of a tensor after its pass 1
+  auto check_one = [&](int64_t k) {
+    const AdafactorTensor<T>& t = ts[k];
+    AdafactorWork<T>& w = W[k];
+    bool ok = true;
+    if (t.m == 0) {
+      ok = false;                        // vectors: pass 1 did not read g
+    } else {
+      for (double r : w.rowsum) ok &= std::isfinite(r);
+    }
+    if (!ok) {
+      if (sizeof(T) == 4)
+        ok = finite_bits<uint32_t, 0x7f800000u>(reinterpret_cast<const uint32_t*>(t.g), t.numel);
+      else
+        ok = finite_bits<uint64_t, 0x7ff0000000000000ull>(reinterpret_cast<const uint64_t*>(t.g),
+                                                          t.numel);
+    }
+    w.finite = ok;
+  };
+
+  // Tensors larger than a thread's fair share (GPT-2's token embedding) are split by rows
+  // among the threads, pass by pass; all others are whole-tensor tasks handed out largest
+  // first (dynamic: a descheduled thread does not hold the others up).
+  std::vector<int64_t> big, tasks;
+  for (int64_t k = 0; k < nt; k++)
+    if (ts[k].numel > 0)
+      (nth > 1 && ts[k].numel >= (1 << 16) && ts[k].numel * 2 * nth > total ? big : tasks)
+          .push_back(k);
+  std::sort(tasks.begin(), tasks.end(),
+            [&](int64_t x, int64_t y) { return ts[x].numel > ts[y].numel; });
+  const int64_t ntask = int64_t(tasks.size());
+  const bool par = nth > 1 && ntask > 1;
+  if (!check) {                          // tensor by tensor: pass 3 finds it in cache
+    for (int64_t k : big) {
+      phase1_split(k);
+      phase2_split(k);
+    }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nth) if (par)
+    for (int64_t i = 0; i < ntask; i++) {
+      phase1_one(tasks[i]);
+      phase2_one(tasks[i]);
+    }
+    return 0;
   }
-  if (tasks.empty()) return;
-#pragma omp parallel num_threads(nth) if (nth > 1 && tasks.size() > 1)
-  {
-    std::vector<double> rs, cs;
-    std::vector<T> rf, cf;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < int64_t(tasks.size()); i++) a.serial(ts[tasks[i]], rs, cs, rf, cf);
+  for (int64_t k : big) {
+    phase1_split(k);
+    check_one(k);
   }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nth) if (par)
+  for (int64_t i = 0; i < ntask; i++) {
+    phase1_one(tasks[i]);
+    check_one(tasks[i]);
+  }
+  for (int64_t k = 0; k < nt; k++)
+    if (!W[k].finite) return 1;
+  for (int64_t k : big) phase2_split(k);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nth) if (par)
+  for (int64_t i = 0; i < ntask; i++) phase2_one(tasks[i]);
+  return 0;
+}
+
+template <typename T>
+void adafactor_kernel(int64_t nt, const int64_t* tab, const double* hp, int nthreads) {
+  adafactor_step<T>(1, hp, nt, tab, 10, nthreads, false);
 }
 
 }  // namespace
@@ -962,5 +1158,17 @@ OPTIMLAB_ENTRY(adagrad)
 OPTIMLAB_ENTRY(rmsprop)
 OPTIMLAB_ENTRY(radam)
 OPTIMLAB_ENTRY(adafactor)
+
+// Adafactor over several parameter groups in one call: tab has 11 slots per tensor (the
+// adafactor layout, then the group's index), hp 16 doubles per group in the adafactor order.
+// check != 0: skip the whole step if a gradient holds inf or NaN (returns 1; nothing written).
+int optimlab_adafactor_groups(int dtype, int64_t ngroups, const double* hp, int64_t nt,
+                              const int64_t* tab, int nthreads, int check) {
+  switch (dtype) {
+    case 0: return adafactor_step<float>(ngroups, hp, nt, tab, 11, nthreads, check != 0);
+    case 2: return adafactor_step<double>(ngroups, hp, nt, tab, 11, nthreads, check != 0);
+  }
+  return -1;
+}
 
 }  // extern "C"
