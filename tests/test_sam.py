@@ -410,6 +410,37 @@ def test_nonfinite_pass_skips_the_update_and_restores_w(bad_pass):
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(after[pid][k]))
 
 
+def test_gradients_are_checked_once_per_update(monkeypatch):
+    """SAM checks the second-pass gradient and tells an optimlab base optimizer so
+    (``step(grad_norm=)``): one read to check per update in the two-call form, none where the
+    clip's norm proves them finite; a non-finite clip norm still skips the update."""
+    import optimlab._common as common
+    import optimlab.sam as sam_module
+    reads = []
+    real = common.all_finite
+
+    def counting(ts):
+        reads.append(len(ts))
+        return real(ts)
+    monkeypatch.setattr(common, "all_finite", counting)
+    monkeypatch.setattr(sam_module, "all_finite", counting)
+    model = mlp()
+    sam = SAM(model.parameters(), optimlab.AdamW, lr=1e-2)
+    x, y = data(0)
+    loss_fn(model, (x, y)).backward()
+    sam.first_step(zero_grad=True)
+    loss_fn(model, (x, y)).backward()
+    assert sam.second_step(zero_grad=True) and len(reads) == 1
+    reads.clear()
+    accumulate_and_step(model, sam, split(x, y, [10, 10]), loss_fn, max_grad_norm=1.0)
+    assert reads == [] and sam.skipped_steps == 0
+    w = params(model)
+    fn, calls = _poisoned(model, at_call=2)
+    with pytest.warns(RuntimeWarning, match="second-pass"):
+        accumulate_and_step(model, sam, split(x, y, [10, 10]), fn, max_grad_norm=1.0)
+    assert sam.skipped_steps == 1 and max_param_diff(w, params(model)) == 0.0
+
+
 def test_nonfinite_closure_is_called_once_and_raise_restores_w():
     model = mlp()
     sam = SAM(model.parameters(), torch.optim.SGD, lr=0.1)

@@ -404,6 +404,8 @@ class Optimizer(torch.optim.Optimizer):
         finite (an inf or NaN element makes any p-norm inf or NaN), so the non-finite check
         does not read the gradients a second time; a non-finite norm (which finite gradients
         can also give, by overflow) leads to the exact check.  Results are the same either way.
+        The value is used for nothing else: a caller that has checked the gradients itself
+        (SAM's ``second_step``) passes any finite number.
         """
         loss = None
         if closure is not None:

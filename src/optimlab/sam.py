@@ -91,6 +91,7 @@ exactly this; ``step(closure)`` does not support a scaler):
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -343,15 +344,22 @@ class SAM(torch.optim.Optimizer):
         self._saved_w = None
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> bool:
+    def second_step(self, zero_grad: bool = False, *,
+                    grad_norm: float | torch.Tensor | None = None) -> bool:
         """Restore w and take the base optimizer's step with the gradient in ``.grad`` (taken
-        at w + e(w)).  Returns True, or False when skipped for a non-finite gradient."""
+        at w + e(w)).  Returns True, or False when skipped for a non-finite gradient.
+
+        ``grad_norm``: the second-pass gradients' total norm where the loop has it (what
+        ``clip_grad_norm_`` returned); a finite norm proves them finite, so neither SAM nor an
+        optimlab base optimizer reads them again to check.  Either way the gradients are
+        checked once, by SAM, and an optimlab base optimizer is told so."""
         if self._saved_w is None:
             raise RuntimeError("SAM.second_step() called without first_step(): compute the "
                                "gradient at w, call first_step(), compute it again at w + e(w), "
                                "then call second_step()")
         finite = True
-        if self.nonfinite != "ignore":
+        proven = grad_norm is not None and math.isfinite(float(grad_norm))
+        if self.nonfinite != "ignore" and not proven:
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
             finite = not grads or all_finite(grads)
         self.restore()
@@ -360,7 +368,12 @@ class SAM(torch.optim.Optimizer):
             if zero_grad:
                 self.zero_grad()
             return False
-        self.base_optimizer.step()
+        if isinstance(self.base_optimizer, _OptimlabOptimizer) and (
+                proven or self.nonfinite != "ignore"):
+            # checked above: any finite number tells the base optimizer so (its grad_norm)
+            self.base_optimizer.step(grad_norm=float(grad_norm) if proven else 0.0)
+        else:
+            self.base_optimizer.step()
         self._opt_called = True      # an lr scheduler built on SAM sees that a step happened
         if zero_grad:
             self.zero_grad()
@@ -627,8 +640,7 @@ def accumulate_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer
                 optimizer.zero_grad(set_to_none=True)
                 scaler.update()
                 return mean_loss
-        clip()
-        optimizer.second_step()
+        optimizer.second_step(grad_norm=clip())
     finally:
         optimizer.restore()                   # no-op after second_step; undoes w + e on errors
     if scaler is not None:
