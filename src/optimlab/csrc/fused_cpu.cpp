@@ -345,10 +345,11 @@ void rmsprop_kernel(int64_t nt, const int64_t* tab, const double* hp, int nthrea
 // hp: lr, beta1, beta2, eps, sqrt_v_hat, rho_threshold, degenerate_to_sgd, wd_l2, pre_mul,
 //     post_alpha, maximize
 // BR: 2 the rectified step, 1 the un-adapted step, 0 moments only
-template <typename T, int BR, bool SMALL>
+// HAT: eps on sqrt(v_hat); a compile-time flag, or the loop computes both forms (divisions
+// and square roots bound this kernel's speed, not memory)
+template <typename T, int BR, bool SMALL, bool HAT>
 void radam_range(T* __restrict p, const T* __restrict g, T* __restrict m, T* __restrict v,
-                 int64_t n, const Decay<T> dc, T w1, T b2, T c2, T b1c, T bs, T r, T lr, T eps,
-                 bool hat) {
+                 int64_t n, const Decay<T> dc, T w1, T b2, T c2, T b1c, T bs, T r, T lr, T eps) {
 #pragma omp simd
   for (int64_t i = 0; i < n; i++) {
     T pi = p[i];
@@ -361,7 +362,7 @@ void radam_range(T* __restrict p, const T* __restrict g, T* __restrict m, T* __r
     T mh = mi / b1c;
     if (BR == 2) {
       T root = std::sqrt(vi);
-      T l = hat ? T(1) / (root / bs + eps) : (T(1) / (root + eps)) * bs;
+      T l = HAT ? T(1) / (root / bs + eps) : (T(1) / (root + eps)) * bs;
       pi = pi - mh * lr * l * r;
     } else if (BR == 1) {
       pi = pi - mh * lr;
@@ -403,10 +404,13 @@ void radam_kernel(int64_t nt, const int64_t* tab, const double* hp, int nthreads
     T* m = tb.template ptr<T>(k, 2) + s;
     T* v = tb.template ptr<T>(k, 3) + s;
     const int64_t n = e - s;
-#define OPTIMLAB_RADAM(BR, SM) radam_range<T, BR, SM>(p, g, m, v, n, dc, w1, b2, c2, bc1[k], bc2s[k], rt[k], lr, eps, hat)
-    if (branch[k] == 2) { if (small) OPTIMLAB_RADAM(2, true); else OPTIMLAB_RADAM(2, false); }
-    else if (branch[k] == 1) { if (small) OPTIMLAB_RADAM(1, true); else OPTIMLAB_RADAM(1, false); }
-    else { if (small) OPTIMLAB_RADAM(0, true); else OPTIMLAB_RADAM(0, false); }
+#define OPTIMLAB_RADAM(BR, SM, H) radam_range<T, BR, SM, H>(p, g, m, v, n, dc, w1, b2, c2, bc1[k], bc2s[k], rt[k], lr, eps)
+    if (branch[k] == 2) {
+      if (hat) { if (small) OPTIMLAB_RADAM(2, true, true); else OPTIMLAB_RADAM(2, false, true); }
+      else { if (small) OPTIMLAB_RADAM(2, true, false); else OPTIMLAB_RADAM(2, false, false); }
+    }
+    else if (branch[k] == 1) { if (small) OPTIMLAB_RADAM(1, true, false); else OPTIMLAB_RADAM(1, false, false); }
+    else { if (small) OPTIMLAB_RADAM(0, true, false); else OPTIMLAB_RADAM(0, false, false); }
 #undef OPTIMLAB_RADAM
   });
 }
