@@ -33,3 +33,20 @@ def test_bench_cli_rejects_an_unknown_family(capsys):
         cli.main(["bench", "--optimizers", "lion"])
     assert e.value.code == 2
     assert "invalid choice: 'lion'" in capsys.readouterr().err
+
+
+def test_targets_compare_each_family_with_its_own_torch_rows():
+    """A contender name that two families share (torch AdamW fused is also SAM's baseline) is
+    looked up in the family being checked, timed in the same interleaved rounds."""
+    def row(family, contender, ms, torch_optim=False):
+        return dict(suite="gpt2", family=family, contender=contender, ms=ms, gbps=40.0,
+                    state_bytes_per_param=8.0, torch_optim=torch_optim)
+    rows = [row("adamw", "optimlab.AdamW (CS224N semantics)", 12.0),
+            row("adamw", "optimlab.AdamW nonfinite='ignore'", 9.0),
+            row("adamw", "torch AdamW fused", 10.0, True),
+            row("sam", "torch AdamW fused", 5.0, True)]
+    lines = bench.targets(rows, copy_gbps=50.0)
+    assert any("AdamW (CS224N semantics) vs torch fused AdamW, same algorithm "
+               "(nonfinite='ignore'): 0.90x (target <= 1.0x) met; default nonfinite='skip' 1.20x"
+               in line for line in lines), lines
+    assert any("AdamW effective bandwidth: 40.0 GB/s = 80% of copy" in line for line in lines)

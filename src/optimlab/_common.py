@@ -237,12 +237,25 @@ def bucket_tensors(params: Sequence[torch.Tensor], states: Sequence[dict]
     parameter: the tensors one multi-tensor or fused kernel call can take together (so one
     oddly strided gradient does not keep its neighbours off the fused kernel)."""
     buckets: dict[tuple, list[int]] = {}
+    tensor = torch.Tensor
     for i, (p, st) in enumerate(zip(params, states)):
-        tensors = [v for v in st.values() if isinstance(v, torch.Tensor)]
-        key = (p.device, p.dtype, p.grad.dtype, tuple((k, v.dtype) for k, v in st.items()
-                                                       if isinstance(v, torch.Tensor)),
-               _flat(p, [p.grad] + [t for t in tensors if t.shape == p.shape]))
-        buckets.setdefault(key, []).append(i)
+        g = p.grad
+        shape = p.shape
+        skey = []
+        full = [g]                          # the full-size tensors the kernels walk with p
+        for k, v in st.items():
+            if isinstance(v, tensor):
+                skey.append((k, v.dtype))
+                if v.shape == shape:
+                    full.append(v)
+        # the common case (all contiguous) without a call per tensor
+        flat = (p.is_contiguous() and all([t.is_contiguous() for t in full])) or _flat(p, full)
+        key = (p.device, p.dtype, g.dtype, tuple(skey), flat)
+        bucket = buckets.get(key)
+        if bucket is None:
+            buckets[key] = [i]
+        else:
+            bucket.append(i)
     return buckets
 
 

@@ -362,17 +362,18 @@ def format_table(rows: list[dict], copy_gbps: float) -> str:
 
 
 def targets(rows: list[dict], copy_gbps: float) -> list[str]:
-    """The issue's targets, checked on this run's numbers (gpt2 suite where present)."""
+    """The issue's targets, checked on this run's numbers (each against the torch.optim rows of
+    its own family, timed in the same interleaved rounds)."""
     out = []
-    by = {(r["suite"], r["contender"]): r for r in rows}
+    by = {(r["suite"], r["family"], r["contender"]): r for r in rows}
     for suite in SUITES:
-        def ms(name):
-            r = by.get((suite, name))
+        def ms(family, name):
+            r = by.get((suite, family, name))
             return r["ms"] if r else None
 
-        def best(prefix):
-            xs = [r["ms"] for r in rows if r["suite"] == suite and r["torch_optim"]
-                  and r["contender"].startswith(prefix)]
+        def best(family):
+            xs = [r["ms"] for r in rows if r["suite"] == suite and r["family"] == family
+                  and r["torch_optim"]]
             return min(xs) if xs else None
 
         def check(label, ours, ref, limit):
@@ -382,31 +383,32 @@ def targets(rows: list[dict], copy_gbps: float) -> list[str]:
                            f"{'met' if ratio <= limit else 'NOT met'}")
         # torch.optim makes no non-finite check: the same algorithm is nonfinite='ignore'; the
         # default's check (one more read of the gradients) is shown beside it
-        for label, plain, default_name, ref in (
-                ("AdamW (CS224N semantics) vs torch fused AdamW", "optimlab.AdamW",
-                 "optimlab.AdamW (CS224N semantics)", ms("torch AdamW fused")),
-                ("Adam vs torch fused Adam", "optimlab.Adam", "optimlab.Adam",
-                 ms("torch Adam fused")),
-                ("SGD momentum vs fastest torch SGD", "optimlab.SGD",
-                 "optimlab.SGD momentum=0.9", best("torch SGD")),
-                ("AdaGrad vs fastest torch Adagrad", "optimlab.AdaGrad", "optimlab.AdaGrad",
-                 best("torch Adagrad")),
-                ("RMSProp vs fastest torch RMSprop", "optimlab.RMSProp", "optimlab.RMSProp",
-                 best("torch RMSprop")),
-                ("RAdam vs fastest torch RAdam", "optimlab.RAdam", "optimlab.RAdam",
-                 best("torch RAdam"))):
-            default = ms(default_name)
-            same = ms(f"{plain} nonfinite='ignore'")
+        for family, label, plain, default_name, ref in (
+                ("adamw", "AdamW (CS224N semantics) vs torch fused AdamW", "optimlab.AdamW",
+                 "optimlab.AdamW (CS224N semantics)", ms("adamw", "torch AdamW fused")),
+                ("adam", "Adam vs torch fused Adam", "optimlab.Adam", "optimlab.Adam",
+                 ms("adam", "torch Adam fused")),
+                ("sgd", "SGD momentum vs fastest torch SGD", "optimlab.SGD",
+                 "optimlab.SGD momentum=0.9", best("sgd")),
+                ("adagrad", "AdaGrad vs fastest torch Adagrad", "optimlab.AdaGrad",
+                 "optimlab.AdaGrad", best("adagrad")),
+                ("rmsprop", "RMSProp vs fastest torch RMSprop", "optimlab.RMSProp",
+                 "optimlab.RMSProp", best("rmsprop")),
+                ("radam", "RAdam vs fastest torch RAdam", "optimlab.RAdam", "optimlab.RAdam",
+                 best("radam"))):
+            default = ms(family, default_name)
+            same = ms(family, f"{plain} nonfinite='ignore'")
             if same is not None and ref:
                 note = (f"; default nonfinite='skip' {default / ref:.2f}x"
                         if default is not None else "")
                 out.append(f"[{suite}] {label}, same algorithm (nonfinite='ignore'): "
                            f"{same / ref:.2f}x (target <= 1.0x) "
                            f"{'met' if same / ref <= 1.0 else 'NOT met'}{note}")
-        af = ms("optimlab.Adafactor (paper = transformers defaults)")
-        check("Adafactor vs torch Adafactor (fastest)", af, best("torch Adafactor"), 0.3)
-        check("Adafactor vs transformers Adafactor", af, ms("transformers Adafactor"), 0.3)
-        r = by.get((suite, "optimlab.AdamW (CS224N semantics)"))
+        af = ms("adafactor", "optimlab.Adafactor (paper = transformers defaults)")
+        check("Adafactor vs torch Adafactor (fastest)", af, best("adafactor"), 0.3)
+        check("Adafactor vs transformers Adafactor", af,
+              ms("adafactor", "transformers Adafactor"), 0.3)
+        r = by.get((suite, "adamw", "optimlab.AdamW (CS224N semantics)"))
         if r and suite == "gpt2":
             frac = r["gbps"] / copy_gbps
             out.append(f"[{suite}] AdamW effective bandwidth: {r['gbps']:.1f} GB/s = "
@@ -414,11 +416,11 @@ def targets(rows: list[dict], copy_gbps: float) -> list[str]:
                        f"{'met' if frac >= 0.7 else 'NOT met'}")
         for name, limit in (("optimlab.AdamW (CS224N semantics)", 8.0),
                             ("optimlab.AdamW state_dtype=bf16", 4.0)):
-            r = by.get((suite, name))
+            r = by.get((suite, "adamw", name))
             if r:
                 out.append(f"[{suite}] {name}: {r['state_bytes_per_param']:.3f} state B/param "
                            f"(target {limit:g})")
-        r = by.get((suite, "optimlab.Adafactor (paper = transformers defaults)"))
+        r = by.get((suite, "adafactor", "optimlab.Adafactor (paper = transformers defaults)"))
         if r:
             out.append(f"[{suite}] Adafactor without first moment: "
                        f"{r['state_bytes_per_param']:.4f} state B/param (target < 0.05 on gpt2)")
