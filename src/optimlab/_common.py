@@ -203,7 +203,7 @@ class NoFusedKernel(Exception):
 
 
 def fused_cpu_code(name: str, params: list[torch.Tensor], states: list[dict],
-                   keys: Sequence[str]) -> int:
+                   keys: Sequence[str], layout_known: bool = False) -> int:
     """The dtype code of optimlab's fused CPU kernels for this bucket (fp32 or fp64 weights,
     the state tensors ``keys`` in the weights' dtype and laid out as the weights), or raise
     `NoFusedKernel` saying why not."""
@@ -215,7 +215,7 @@ def fused_cpu_code(name: str, params: list[torch.Tensor], states: list[dict],
                             f"(optimlab's CPU kernels: fp32/fp64 on CPU; available: "
                             f"{_ext.available()})")
     if any(st[k].dtype != p0.dtype for st in states[:1] for k in keys) or \
-            not _ext.same_layout(params, states, keys):
+            not (layout_known or _ext.same_layout(params, states, keys)):
         raise NoFusedKernel(f"{name} state in another dtype or layout than the parameters")
     return code
 
@@ -337,6 +337,7 @@ class Optimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         self.last_step_impls: tuple[str, ...] = ()
         self._used: set[str] = set()
+        self._flat_bucket = False      # set by _update_group around a fused call
         super().__init__(params, defaults)
 
     def __getstate__(self) -> dict:             # copy/pickle keep optimlab's own settings
@@ -347,7 +348,7 @@ class Optimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict) -> None:    # also called by load_state_dict
         super().__setstate__(state)
         for key, value in (("nonfinite", "skip"), ("impl", "auto"), ("skipped_steps", 0),
-                           ("last_step_impls", ()), ("_used", set())):
+                           ("last_step_impls", ()), ("_used", set()), ("_flat_bucket", False)):
             self.__dict__.setdefault(key, value)
 
     # groups remember the lr they started with, as torch's schedulers do
@@ -372,6 +373,13 @@ class Optimizer(torch.optim.Optimizer):
         for p, state in zip(params, states):
             self._update_param(p, p.grad, state, group)
 
+    def _same_layout(self, params: list[torch.Tensor], states: list[dict],
+                     keys: Sequence[str]) -> bool:
+        """`optimlab._ext.same_layout`, answered without a second look at every tensor when
+        `bucket_tensors` has just put them together as laid out alike (its key says so)."""
+        from . import _ext
+        return self._flat_bucket or _ext.same_layout(params, states, keys)
+
     def _fused_update(self, group: dict, params: list[torch.Tensor], states: list[dict]) -> str:
         """Fused update of one bucket; returns the kernel's name, or raises `NoFusedKernel`."""
         raise NoFusedKernel(f"{type(self).__name__} has no fused kernel")
@@ -388,9 +396,13 @@ class Optimizer(torch.optim.Optimizer):
                 self._update_param(p, p.grad, state, group)
             self._used.add("reference")
             return
-        for idx in bucket_tensors(params, states).values():
-            ps, sts = [params[i] for i in idx], [states[i] for i in idx]
+        for key, idx in bucket_tensors(params, states).items():
+            if len(idx) == len(params):
+                ps, sts = params, states
+            else:
+                ps, sts = [params[i] for i in idx], [states[i] for i in idx]
             if self.impl in ("auto", "fused"):
+                self._flat_bucket = key[-1]
                 try:
                     self._used.add(self._fused_update(group, ps, sts))
                     continue
@@ -398,6 +410,8 @@ class Optimizer(torch.optim.Optimizer):
                     if self.impl == "fused":
                         raise RuntimeError(f"{type(self).__name__}(impl='fused'): {e}; use "
                                            "impl='auto' to fall back to foreach") from None
+                finally:
+                    self._flat_bucket = False
             if self.impl == "foreach" or ps[0].device.type != "cpu":
                 self._foreach_update(group, ps, sts)
                 self._used.add("foreach")

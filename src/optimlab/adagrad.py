@@ -128,7 +128,7 @@ class AdaGrad(Optimizer):
         foreach_decay_after_update(params, group)
 
     def _fused_update(self, group, params, states) -> str:
-        code = fused_cpu_code("AdaGrad", params, states, ("sum",))
+        code = fused_cpu_code("AdaGrad", params, states, ("sum",), self._flat_bucket)
         slots = []
         for p, state in zip(params, states):
             state["step"] += 1

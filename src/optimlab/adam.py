@@ -281,7 +281,7 @@ class Adam(Optimizer):
                 (torch.float64, torch.float64): 2}.get((p0.dtype, sdt))
         same = all(st0[k].dtype == sdt for k in keys)
         if p0.device.type == "cpu" and code is not None and same and _ext.available() and \
-                _ext.same_layout(params, states, keys):
+                self._same_layout(params, states, keys):
             for state in states:
                 state["step"] += 1
             slots = []
@@ -314,7 +314,7 @@ class Adam(Optimizer):
                 "in the weights' fp32/fp64 dtype)")
         if p0.device.type not in ("cpu", "cuda"):
             raise NoFusedKernel(f"no fused kernel on {p0.device.type}")
-        if not _ext.same_layout(params, states, keys):
+        if not self._same_layout(params, states, keys):
             raise NoFusedKernel("torch's fused kernels need the gradients and moments laid out "
                                 "as their parameters (dense, equal strides)")
         by_step: dict[int, list[int]] = {}

@@ -217,7 +217,8 @@ class RAdam(Optimizer):
         foreach_decay_after_update(params, group)
 
     def _fused_update(self, group, params, states) -> str:
-        code = fused_cpu_code("RAdam", params, states, ("exp_avg", "exp_avg_sq"))
+        code = fused_cpu_code("RAdam", params, states, ("exp_avg", "exp_avg_sq"),
+                              self._flat_bucket)
         slots = []
         for p, state in zip(params, states):
             state["step"] += 1

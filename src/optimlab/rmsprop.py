@@ -172,7 +172,7 @@ class RMSProp(Optimizer):
     def _fused_update(self, group, params, states) -> str:
         keys = ("square_avg",) + (("grad_avg",) if group["centered"] else ()) + \
             (("momentum_buffer",) if group["momentum"] > 0 else ())
-        code = fused_cpu_code("RMSProp", params, states, keys)
+        code = fused_cpu_code("RMSProp", params, states, keys, self._flat_bucket)
         slots = []
         for p, state in zip(params, states):
             state["step"] += 1

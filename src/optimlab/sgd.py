@@ -201,7 +201,7 @@ class SGD(Optimizer):
                                 f"{_ext.available()})")
         have = [k for k in keys if all(k in s for s in states)]
         if any(s[k].dtype != p0.dtype for s in states for k in have) or \
-                not _ext.same_layout(params, states, have):
+                not self._same_layout(params, states, have):
             raise NoFusedKernel("SGD state in another dtype or layout than the parameters")
         bufs, first = self._buffers(params, states, bool(keys))
         slots = []
