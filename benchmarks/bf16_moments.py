@@ -11,7 +11,11 @@ variation for scale.  Reported: the training loss (mean of the last 50 steps), t
 fixed set of windows from the SST dev sentences, and how far the bf16 run's weights end from
 the fp32 run's, relative to how far training moved them.
 
-    python benchmarks/bf16_moments.py [--steps 600]
+With ``--seeds N`` (N >= 2) the comparison is paired over N data orders: for each order an fp32
+and a bf16 run; reported are each pair's dev losses and their difference (mean and standard
+deviation over the orders), against the spread of the fp32 runs across orders.
+
+    python benchmarks/bf16_moments.py [--steps 600] [--seeds N]
 """
 
 from __future__ import annotations
@@ -85,7 +89,11 @@ def distance(a, b) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="N >= 2: paired fp32/bf16 runs over N data orders")
     args = ap.parse_args(argv)
+    if args.steps < 1 or args.seeds < 1:
+        ap.error("--steps and --seeds must be positive")
     train_text, dev_text = text("train"), text("dev")
     chars = sorted(set(train_text + dev_text))
     idx = {c: i for i, c in enumerate(chars)}
@@ -93,6 +101,8 @@ def main(argv=None) -> int:
     dev = windows(torch.tensor([idx[c] for c in dev_text]), 256, torch.Generator().manual_seed(0))
     print(f"vocabulary {len(chars)} characters, {data.numel():,} training characters, "
           f"{args.steps} steps of {BATCH} x {CTX}")
+    if args.seeds > 1:
+        return paired(data, dev, len(chars), args.steps, args.seeds)
     runs = {}
     for name, kw in (("fp32 moments", {}), ("bf16 moments", dict(state_dtype=torch.bfloat16)),
                      ("fp32, other data order", dict(order_seed=2))):
@@ -116,6 +126,33 @@ def main(argv=None) -> int:
         xs = r["losses"]
         print(f"  {name:24s} " + " ".join(f"{sum(xs[i:i + 100]) / len(xs[i:i + 100]):.3f}"
                                           for i in range(0, len(xs), 100)))
+    return 0
+
+
+def paired(data, dev, vocab, steps, seeds) -> int:
+    rows = []
+    for seed in range(1, seeds + 1):
+        t0 = time.perf_counter()
+        a = train(data, dev, vocab, steps, order_seed=seed)
+        b = train(data, dev, vocab, steps, state_dtype=torch.bfloat16, order_seed=seed)
+        moved = distance(list(a["model"].parameters()), a["theta0"])
+        d = distance(list(b["model"].parameters()), list(a["model"].parameters()))
+        rows.append((seed, a["dev"], b["dev"], d / moved, time.perf_counter() - t0))
+    print("| data order | fp32 dev loss | bf16 dev loss | bf16 - fp32 | bf16 weights vs fp32 "
+          "(/ distance moved) | s |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for seed, fa, fb, rel, sec in rows:
+        print(f"| {seed} | {fa:.4f} | {fb:.4f} | {fb - fa:+.4f} | {rel:.1%} | {sec:.0f} |")
+
+    def mean_sd(xs):
+        m = sum(xs) / len(xs)
+        return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    dm, dsd = mean_sd([fb - fa for _, fa, fb, _, _ in rows])
+    fm, fsd = mean_sd([fa for _, fa, _, _, _ in rows])
+    bm, bsd = mean_sd([fb for _, _, fb, _, _ in rows])
+    print(f"\nfp32 dev loss {fm:.4f} +- {fsd:.4f} (sd over {seeds} data orders); bf16 "
+          f"{bm:.4f} +- {bsd:.4f}; paired difference bf16 - fp32 {dm:+.4f} +- {dsd:.4f} "
+          f"(standard error {dsd / math.sqrt(seeds):.4f})")
     return 0
 
 
