@@ -1,4 +1,4 @@
-// optimlab's fused CPU kernels: one pass over memory per optimizer step (Adafactor: three),
+// optimlab's fused CPU kernels: one pass over memory per optimizer step (Adafactor: two),
 // all tensors of a parameter group in one call, split across OpenMP threads.
 //
 // Plain C ABI, no Python or torch headers: `optimlab._ext` compiles this file with the system
@@ -46,6 +46,23 @@ template <> struct Mem<bf16, float> {
   static inline float ld(const bf16* p, int64_t i) { return bf16_load(p[i]); }
   static inline void st(bf16* p, int64_t i, float x) { p[i] = bf16_store(x); }
 };
+
+// this thread's index and the team's size inside a parallel region (0 and 1 without OpenMP)
+inline int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+inline int team_size() {
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
 
 inline int threads_for(int64_t total, int nthreads) {
   // below ~64K elements a fork/join costs more than it saves
@@ -945,11 +962,7 @@ int adafactor_step(int64_t ngroups, const double* hps, int64_t nt, const int64_t
     af[k]->scalars(t, w.sc);
 #pragma omp parallel num_threads(nth)
     {
-      int tid = 0, cnt = 1;
-#ifdef _OPENMP
-      tid = omp_get_thread_num();
-      cnt = omp_get_num_threads();
-#endif
+      const int tid = thread_id(), cnt = team_size();
       int64_t r0 = rows * tid / cnt, r1 = rows * (tid + 1) / cnt;
       double sp = 0;
       af[k]->pass1(t, w.sc, r0, r1, sp, w.rowsum.data(), colpart.data() + size_t(tid) * ncol,
@@ -978,11 +991,7 @@ int adafactor_step(int64_t ngroups, const double* hps, int64_t nt, const int64_t
     if (su >= 0) a.finish_clip(su, w.sc);
 #pragma omp parallel num_threads(nth)
     {
-      int tid = 0, cnt = 1;
-#ifdef _OPENMP
-      tid = omp_get_thread_num();
-      cnt = omp_get_num_threads();
-#endif
+      const int tid = thread_id(), cnt = team_size();
       int64_t r0 = rows * tid / cnt, r1 = rows * (tid + 1) / cnt;
       if (su < 0) {                      // vectors, or the clamp can bind: sum U^2 here
         part[tid] = a.pass2(t, w.sc, rfac.data(), cfac.data(), r0, r1);
@@ -1098,11 +1107,7 @@ int optimlab_all_finite(int64_t nt, const int64_t* tab, int nthreads) {
       case 3: ok = finite_bits<uint16_t, 0x7c00u>(static_cast<const uint16_t*>(base) + s, e - s); break;
     }
     if (!ok) {
-      int tid = 0;
-#ifdef _OPENMP
-      tid = omp_get_thread_num();
-#endif
-      flags[size_t(tid) * 16] = 1;
+      flags[size_t(thread_id()) * 16] = 1;
     }
   });
   for (size_t i = 0; i < flags.size(); i += 16) bad |= flags[i];
@@ -1115,11 +1120,7 @@ void optimlab_stream_copy(void* dst, const void* src, int64_t n, int nthreads) {
   int nth = std::max(1, nthreads);
 #pragma omp parallel num_threads(nth)
   {
-    int tid = 0, cnt = 1;
-#ifdef _OPENMP
-    tid = omp_get_thread_num();
-    cnt = omp_get_num_threads();
-#endif
+    const int tid = thread_id(), cnt = team_size();
     int64_t lo = (n * tid / cnt) & ~int64_t(63), hi = tid + 1 == cnt ? n : (n * (tid + 1) / cnt) & ~int64_t(63);
     char* d = static_cast<char*>(dst);
     const char* s = static_cast<const char*>(src);
