@@ -199,15 +199,27 @@ class SGD(Optimizer):
             raise NoFusedKernel(f"no fused SGD kernel for {p0.dtype} on {p0.device.type} "
                                 f"(optimlab's CPU kernels, fp32/fp64; available: "
                                 f"{_ext.available()})")
-        have = [k for k in keys if all(k in s for s in states)]
-        if any(s[k].dtype != p0.dtype for s in states for k in have) or \
-                not self._same_layout(params, states, have):
+        if self._flat_bucket:    # bucketed together: same state keys and dtypes, same layout
+            have = [k for k in keys if k in states[0]]
+            bad = any(states[0][k].dtype != p0.dtype for k in have)
+        else:
+            have = [k for k in keys if all(k in s for s in states)]
+            bad = any(s[k].dtype != p0.dtype for s in states for k in have) or \
+                not _ext.same_layout(params, states, have)
+        if bad:
             raise NoFusedKernel("SGD state in another dtype or layout than the parameters")
-        bufs, first = self._buffers(params, states, bool(keys))
         slots = []
-        for i, p in enumerate(params):
-            slots += (p.data_ptr(), p.grad.data_ptr(), bufs[i].data_ptr() if bufs else 0,
-                      p.numel(), first[i])
+        if have or not keys:     # every buffer exists (or no momentum): one loop
+            for p, st in zip(params, states):
+                st["step"] += 1
+                slots += (p.data_ptr(), p.grad.data_ptr(),
+                          st["momentum_buffer"].data_ptr() if keys else 0, p.numel(),
+                          st["step"] == 1)
+        else:
+            bufs, first = self._buffers(params, states, True)
+            for i, p in enumerate(params):
+                slots += (p.data_ptr(), p.grad.data_ptr(), bufs[i].data_ptr(), p.numel(),
+                          first[i])
         wd_l2, pre, post = fused_decay_scalars(group)
         _ext.call("sgd", code, slots, 5, (group["lr"], group["momentum"], group["dampening"],
                                           group["nesterov"], wd_l2, pre, post,
