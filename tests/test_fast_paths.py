@@ -332,6 +332,32 @@ def test_bucket_keys_separate_state_dtypes():
     assert sorted(bucket_tensors([a, b], states).values()) == [[0], [1]]
 
 
+def test_uniform_groups_skip_the_bucketing_and_only_those():
+    """`uniform_contiguous` (the cheap test `_update_group` makes first) says True only where
+    `bucket_tensors` makes one bucket of contiguous tensors."""
+    from optimlab._common import bucket_tensors, uniform_contiguous
+
+    def case(strided_grad=False, dtype_b=torch.float32, state_b=None, extra_key=False):
+        a = torch.zeros(4, 3, requires_grad=True)
+        b = torch.zeros(4, 3, dtype=dtype_b, requires_grad=True)
+        a.grad = torch.ones(4, 3)
+        b.grad = torch.ones(3, 4, dtype=dtype_b).t() if strided_grad else torch.ones(4, 3,
+                                                                                  dtype=dtype_b)
+        sa = {"step": 1, "exp_avg": torch.zeros(4, 3)}
+        sb = {"step": 1, "exp_avg": torch.zeros(4, 3, dtype=dtype_b) if state_b is None
+              else state_b}
+        if extra_key:
+            sb["exp_avg_sq"] = torch.zeros(4, 3)
+        return [a, b], [sa, sb]
+    ps, sts = case()
+    assert uniform_contiguous(ps, sts) and list(bucket_tensors(ps, sts).values()) == [[0, 1]]
+    for kw in (dict(strided_grad=True), dict(dtype_b=torch.float64),
+               dict(state_b=torch.zeros(4, 3, dtype=torch.bfloat16)),
+               dict(state_b=torch.zeros(3, 4).t()), dict(extra_key=True)):
+        ps, sts = case(**kw)
+        assert not uniform_contiguous(ps, sts), kw
+
+
 # ------------------------------------------------------------------ state dicts
 @pytest.mark.parametrize("name,make", [CASES[2], CASES[8], CASES[16], CASES[19], CASES[23]],
                          ids=[IDS[2], IDS[8], IDS[16], IDS[19], IDS[23]])
