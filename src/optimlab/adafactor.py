@@ -612,6 +612,7 @@ class Adafactor(Optimizer):
         if len(dtypes) != 1 or any(p.device.type != "cpu" for _, ps in live for p in ps):
             return None
         fresh, counted, slots, hps = [], [], [], []
+        skipped = None
         try:
             for gi, (group, params) in enumerate(live):
                 states = []
@@ -630,17 +631,17 @@ class Adafactor(Optimizer):
                 hps.extend(self._fused_hp(group))
             skipped = _ext.adafactor_groups(code, len(live), hps, slots)
         except NoFusedKernel:
-            skipped = None
+            pass
         finally:
             self._group_eps1 = None
-        if skipped is not False:             # not run, or run and skipped: undo the counters
-            for state in counted:
-                state["step"] -= 1
-            for p, known in fresh:           # as before the step: no state, or an empty one
-                if known:
-                    self.state[p].clear()
-                else:
-                    del self.state[p]
+            if skipped is not False:         # not run, or run and skipped: undo the counters
+                for state in counted:
+                    state["step"] -= 1
+                for p, known in fresh:       # as before the step: no state, or an empty one
+                    if known:
+                        self.state[p].clear()
+                    else:
+                        del self.state[p]
         if skipped is None:
             return None
         self._used.add("fused-cpu")
