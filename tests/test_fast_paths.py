@@ -19,7 +19,6 @@ variants that skip without a GPU.
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 
 import pytest

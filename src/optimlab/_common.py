@@ -196,6 +196,16 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     return True
 
 
+def report_nonfinite(owner: Any, msg: str, stacklevel: int) -> None:
+    """Apply ``owner.nonfinite`` to a step that met inf or NaN (``msg`` says where): raise
+    FloatingPointError for ``"raise"``, else count the skipped step and warn."""
+    if owner.nonfinite == "raise":
+        raise FloatingPointError(msg + " (nonfinite='raise')")
+    owner.skipped_steps += 1
+    warnings.warn(msg + "; the step was skipped (nonfinite='skip')", RuntimeWarning,
+                  stacklevel=stacklevel + 1)
+
+
 class NoFusedKernel(Exception):
     """Raised by `Optimizer._fused_update` when no fused kernel takes a bucket of tensors; the
     message says why.  ``impl="auto"`` then runs ``foreach``; ``impl="fused"`` re-raises it as
@@ -481,12 +491,8 @@ class Optimizer(torch.optim.Optimizer):
                 grad_norm is not None and math.isfinite(float(grad_norm))):
             done = self._checked_step(work)
             if done is False or (done is None and not all_finite(grads)):
-                msg = f"{type(self).__name__}: a gradient holds inf or NaN"
-                if self.nonfinite == "raise":
-                    raise FloatingPointError(msg + " (nonfinite='raise')")
-                self.skipped_steps += 1
-                warnings.warn(msg + "; the step was skipped (nonfinite='skip')", RuntimeWarning,
-                              stacklevel=2)
+                report_nonfinite(self, f"{type(self).__name__}: a gradient holds inf or NaN",
+                                 stacklevel=2)
                 return loss
         if not done:
             for group, params in work:

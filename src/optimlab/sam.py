@@ -92,14 +92,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from ._common import NONFINITE_POLICIES, Optimizer as _OptimlabOptimizer
-from ._common import all_finite, check_choice, check_range
+from ._common import all_finite, check_choice, check_range, report_nonfinite
 
 __all__ = ["SAM", "accumulate_and_step", "sam_grad_norm", "sam_perturbation",
            "PERTURBATIONS", "ASAM_ETA"]
@@ -276,12 +275,7 @@ class SAM(torch.optim.Optimizer):
         return bool(t.item())
 
     def _nonfinite(self, what: str) -> None:
-        msg = f"SAM: the {what} holds inf or NaN"
-        if self.nonfinite == "raise":
-            raise FloatingPointError(msg + " (nonfinite='raise')")
-        self.skipped_steps += 1
-        warnings.warn(msg + "; the step was skipped (nonfinite='skip')", RuntimeWarning,
-                      stacklevel=3)
+        report_nonfinite(self, f"SAM: the {what} holds inf or NaN", stacklevel=3)
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> bool:

@@ -161,7 +161,7 @@ class Lab:
                   if isinstance(self.config.get("seeds"), int) else "- seeds: see config",
                   f"- wall time of this run: {wall} s; compute time of all its cells, "
                   f"cached ones included: {self.cell_seconds:.1f} s",
-                  f"- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()
+                  "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()
                                                if v),
                   f"- git: {env['git']['revision'] or 'unknown'}"
                   + (" (dirty)" if env["git"].get("dirty") else ""),

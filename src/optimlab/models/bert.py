@@ -14,7 +14,6 @@ Hugging Face checkpoint directory; :data:`HF_NAMES` maps its tensor names to thi
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass, fields
