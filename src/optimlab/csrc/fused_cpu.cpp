@@ -445,8 +445,9 @@ void radam_kernel(int64_t nt, const int64_t* tab, const double* hp, int nthreads
 //   sum_ij U_ij^2 = sum_ij (r_i c_j G_ij)^2 = d sum_j (1/C_j) w_j,  w_j = sum_i G_ij^2 / R_i,
 // where r_i = (R_i/d)^(-1/2), c_j = C_j^(-1/2) and d = mean(R) (grad_sq layout) or
 // max(mean(R), eps1) (clamp layout, where the clamp at eps1^2 cannot bind; where it can, a
-// pass (2) sums U^2 element by element).  w_j is summed in pass 1 from the row still in L1,
-// in double; the sum differs from the reference's float32 sum of U^2 by rounding only.
+// pass (2) sums U^2 element by element).  w_j is summed in pass 1 from the row still in L1
+// (in T over blocks of 16 rows, then in double); the sum differs from the reference's float32
+// sum of U^2 by rounding only.
 // Vectors (unfactored) keep pass (2), which also updates their v.  Tensors with fewer than
 // 64K elements are spread whole over the threads; larger ones are split by rows.
 template <typename T>
