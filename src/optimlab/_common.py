@@ -212,24 +212,6 @@ class NoFusedKernel(Exception):
     a RuntimeError."""
 
 
-def fused_cpu_code(name: str, params: list[torch.Tensor], states: list[dict],
-                   keys: Sequence[str], layout_known: bool = False) -> int:
-    """The dtype code of optimlab's fused CPU kernels for this bucket (fp32 or fp64 weights,
-    the state tensors ``keys`` in the weights' dtype and laid out as the weights), or raise
-    `NoFusedKernel` saying why not."""
-    from . import _ext
-    p0 = params[0]
-    code = {torch.float32: 0, torch.float64: 2}.get(p0.dtype)
-    if p0.device.type != "cpu" or code is None or not _ext.available():
-        raise NoFusedKernel(f"no fused {name} kernel for {p0.dtype} on {p0.device.type} "
-                            f"(optimlab's CPU kernels: fp32/fp64 on CPU; available: "
-                            f"{_ext.available()})")
-    if any(st[k].dtype != p0.dtype for st in states[:1] for k in keys) or \
-            not (layout_known or _ext.same_layout(params, states, keys)):
-        raise NoFusedKernel(f"{name} state in another dtype or layout than the parameters")
-    return code
-
-
 def _flat(p: torch.Tensor, tensors) -> bool:
     """The gradient and the full-size state tensors lay out their elements as ``p`` does
     (all contiguous, or dense with equal strides): element-wise kernels may treat them as flat
@@ -411,17 +393,45 @@ class Optimizer(torch.optim.Optimizer):
         from . import _ext
         return self._flat_bucket or _ext.same_layout(params, states, keys)
 
+    def _fused_cpu_code(self, params: list[torch.Tensor], states: list[dict],
+                        keys: Sequence[str]) -> int:
+        """The dtype code of optimlab's fused CPU kernels for this bucket (fp32 or fp64 weights,
+        the state tensors ``keys`` in the weights' dtype and laid out as the weights), or raise
+        `NoFusedKernel` saying why not."""
+        from . import _ext
+        name = type(self).__name__
+        p0 = params[0]
+        code = {torch.float32: 0, torch.float64: 2}.get(p0.dtype)
+        if p0.device.type != "cpu" or code is None or not _ext.available():
+            raise NoFusedKernel(f"no fused {name} kernel for {p0.dtype} on {p0.device.type} "
+                                f"(optimlab's CPU kernels: fp32/fp64 on CPU; available: "
+                                f"{_ext.available()})")
+        if any(st[k].dtype != p0.dtype for st in states[:1] for k in keys) or \
+                not self._same_layout(params, states, keys):
+            raise NoFusedKernel(f"{name} state in another dtype or layout than the parameters")
+        return code
+
     def _fused_update(self, group: dict, params: list[torch.Tensor], states: list[dict]) -> str:
         """Fused update of one bucket; returns the kernel's name, or raises `NoFusedKernel`."""
         raise NoFusedKernel(f"{type(self).__name__} has no fused kernel")
 
-    def _update_group(self, group: dict, params: list[torch.Tensor]) -> None:
+    def _group_states(self, group: dict, params: list[torch.Tensor],
+                      fresh: list | None = None) -> list[dict]:
+        """The state of each parameter, initialised where empty; ``fresh`` (if given)
+        collects ``(p, had_an_entry)`` for each one initialised here, so a caller can undo it."""
         states = []
         for p in params:
+            known = fresh is not None and p in self.state
             state = self.state[p]
             if not state:
                 state.update(self._init_state(p, group))
+                if fresh is not None:
+                    fresh.append((p, known))
             states.append(state)
+        return states
+
+    def _update_group(self, group: dict, params: list[torch.Tensor]) -> None:
+        states = self._group_states(group, params)
         if self.impl == "reference":
             for p, state in zip(params, states):
                 self._update_param(p, p.grad, state, group)

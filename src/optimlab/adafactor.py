@@ -466,11 +466,15 @@ class Adafactor(Optimizer):
                                                    memory_format=torch.preserve_format)
         return state
 
-    def _update_group(self, group: dict, params: list[torch.Tensor]) -> None:
+    @staticmethod
+    def _eps1(group: dict, params: list[torch.Tensor]) -> float:
         eps1 = group["eps"][0]
         if eps1 is None:           # torch.optim's rule: the first parameter's dtype, group-wide
             eps1 = torch.finfo(params[0].dtype).eps
-        self._group_eps1 = eps1
+        return eps1
+
+    def _update_group(self, group: dict, params: list[torch.Tensor]) -> None:
+        self._group_eps1 = self._eps1(group, params)
         try:
             super()._update_group(group, params)
         finally:
@@ -608,25 +612,19 @@ class Adafactor(Optimizer):
         if self.impl not in ("auto", "fused") or not _ext.available():
             return None
         live = [(group, params) for group, params in work if params]
-        dtypes = {p.dtype for _, params in live for p in params}
-        if len(dtypes) != 1 or any(p.device.type != "cpu" for _, ps in live for p in ps):
+        if live[0][1][0].device.type != "cpu":   # accelerators: the separate check
             return None
         fresh, counted, slots, hps = [], [], [], []
-        skipped = None
+        skipped = code = None
         try:
             for gi, (group, params) in enumerate(live):
-                states = []
-                for p in params:
-                    known = p in self.state
-                    state = self.state[p]
-                    if not state:
-                        state.update(self._init_state(p, group))
-                        fresh.append((p, known))
-                    states.append(state)
-                eps1 = group["eps"][0]
-                self._group_eps1 = torch.finfo(params[0].dtype).eps if eps1 is None else eps1
-                code, group_slots = self._fused_slots(group, params, states)
-                counted.extend(states)
+                states = self._group_states(group, params, fresh)
+                self._group_eps1 = self._eps1(group, params)
+                group_code, group_slots = self._fused_slots(group, params, states)
+                counted.extend(states)       # _fused_slots advanced their steps
+                if code is not None and group_code != code:
+                    raise NoFusedKernel("one kernel call takes one dtype")
+                code = group_code
                 slots.extend(x for s in group_slots for x in (*s, gi))
                 hps.extend(self._fused_hp(group))
             skipped = _ext.adafactor_groups(code, len(live), hps, slots)

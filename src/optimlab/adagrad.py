@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from . import _ext
-from ._common import (fused_cpu_code, Optimizer, check_range, check_weight_decay,
+from ._common import (Optimizer, check_range, check_weight_decay,
                       decay_after_update, foreach_decay_after_update, foreach_grads_with_decay,
                       fused_decay_scalars, grad_with_decay)
 
@@ -128,7 +128,7 @@ class AdaGrad(Optimizer):
         foreach_decay_after_update(params, group)
 
     def _fused_update(self, group, params, states) -> str:
-        code = fused_cpu_code("AdaGrad", params, states, ("sum",), self._flat_bucket)
+        code = self._fused_cpu_code(params, states, ("sum",))
         slots = []
         for p, state in zip(params, states):
             state["step"] += 1

@@ -52,7 +52,7 @@ from __future__ import annotations
 import torch
 
 from . import _ext
-from ._common import (EPS_PLACEMENTS, fused_cpu_code, Optimizer, check_betas, check_choice,
+from ._common import (EPS_PLACEMENTS, Optimizer, check_betas, check_choice,
                       check_range, check_weight_decay, decay_after_update,
                       foreach_decay_after_update, foreach_grads_with_decay, fused_decay_scalars,
                       grad_with_decay)
@@ -217,8 +217,7 @@ class RAdam(Optimizer):
         foreach_decay_after_update(params, group)
 
     def _fused_update(self, group, params, states) -> str:
-        code = fused_cpu_code("RAdam", params, states, ("exp_avg", "exp_avg_sq"),
-                              self._flat_bucket)
+        code = self._fused_cpu_code(params, states, ("exp_avg", "exp_avg_sq"))
         slots = []
         for p, state in zip(params, states):
             state["step"] += 1

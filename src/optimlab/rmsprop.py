@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 
 from . import _ext
-from ._common import (fused_cpu_code, Optimizer, check_range, check_weight_decay,
+from ._common import (Optimizer, check_range, check_weight_decay,
                       decay_after_update, foreach_decay_after_update, foreach_grads_with_decay,
                       fused_decay_scalars, grad_with_decay)
 
@@ -172,7 +172,7 @@ class RMSProp(Optimizer):
     def _fused_update(self, group, params, states) -> str:
         keys = ("square_avg",) + (("grad_avg",) if group["centered"] else ()) + \
             (("momentum_buffer",) if group["momentum"] > 0 else ())
-        code = fused_cpu_code("RMSProp", params, states, keys, self._flat_bucket)
+        code = self._fused_cpu_code(params, states, keys)
         slots = []
         for p, state in zip(params, states):
             state["step"] += 1

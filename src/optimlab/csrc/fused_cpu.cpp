@@ -1040,32 +1040,22 @@ int adafactor_step(int64_t ngroups, const double* hps, int64_t nt, const int64_t
             [&](int64_t x, int64_t y) { return ts[x].numel > ts[y].numel; });
   const int64_t ntask = int64_t(tasks.size());
   const bool par = nth > 1 && ntask > 1;
-  if (!check) {                          // tensor by tensor: pass 3 finds it in cache
-    for (int64_t k : big) {
-      phase1_split(k);
-      phase2_split(k);
-    }
+  // on_big for each split tensor in turn, then on_task for the others, handed out dynamically
+  auto each = [&](auto&& on_big, auto&& on_task) {
+    for (int64_t k : big) on_big(k);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nth) if (par)
-    for (int64_t i = 0; i < ntask; i++) {
-      phase1_one(tasks[i]);
-      phase2_one(tasks[i]);
-    }
+    for (int64_t i = 0; i < ntask; i++) on_task(tasks[i]);
+  };
+  if (!check) {                          // tensor by tensor: pass 3 finds it in cache
+    each([&](int64_t k) { phase1_split(k); phase2_split(k); },
+         [&](int64_t k) { phase1_one(k); phase2_one(k); });
     return 0;
   }
-  for (int64_t k : big) {
-    phase1_split(k);
-    check_one(k);
-  }
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nth) if (par)
-  for (int64_t i = 0; i < ntask; i++) {
-    phase1_one(tasks[i]);
-    check_one(tasks[i]);
-  }
+  each([&](int64_t k) { phase1_split(k); check_one(k); },
+       [&](int64_t k) { phase1_one(k); check_one(k); });
   for (int64_t k = 0; k < nt; k++)
     if (!W[k].finite) return 1;
-  for (int64_t k : big) phase2_split(k);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nth) if (par)
-  for (int64_t i = 0; i < ntask; i++) phase2_one(tasks[i]);
+  each(phase2_split, phase2_one);
   return 0;
 }
 
