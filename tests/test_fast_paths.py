@@ -324,24 +324,32 @@ def test_mixed_dtypes_and_layouts_are_bucketed():
 def test_bucket_keys_separate_state_dtypes():
     """fp32 state loaded for bf16 weights and bf16 state for fp32 weights sit in their own
     buckets (keyed by device, parameter, gradient and state dtypes)."""
-    from optimlab._common import bucket_tensors
+    from optimlab._gate import buckets
     a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
     a.grad, b.grad = torch.zeros(2), torch.zeros(2)
     states = [{"exp_avg": torch.zeros(2)}, {"exp_avg": torch.zeros(2, dtype=torch.bfloat16)}]
-    assert sorted(bucket_tensors([a, b], states).values()) == [[0], [1]]
+    got = buckets([a, b], states)
+    assert sorted(idx for _, idx in got) == [[0], [1]]
+    assert {key.state for key, _ in got} == {(("exp_avg", torch.float32),),
+                                             (("exp_avg", torch.bfloat16),)}
 
 
-def test_uniform_groups_skip_the_bucketing_and_only_those():
-    """`uniform_contiguous` (the cheap test `_update_group` makes first) says True only where
-    `bucket_tensors` makes one bucket of contiguous tensors."""
-    from optimlab._common import bucket_tensors, uniform_contiguous
+def test_the_cheap_pass_finds_one_bucket_only_where_there_is_one():
+    """`buckets` answers the common case (every tensor plain and contiguous, one dtype, the
+    same state keys) in one cheap pass, and only that case: anything else is looked at tensor
+    by tensor and gets buckets of its own."""
+    from optimlab._gate import buckets
 
-    def case(strided_grad=False, dtype_b=torch.float32, state_b=None, extra_key=False):
+    def case(strided_grad=False, dtype_b=torch.float32, state_b=None, extra_key=False,
+             grad_b=None):
         a = torch.zeros(4, 3, requires_grad=True)
         b = torch.zeros(4, 3, dtype=dtype_b, requires_grad=True)
         a.grad = torch.ones(4, 3)
         b.grad = torch.ones(3, 4, dtype=dtype_b).t() if strided_grad else torch.ones(4, 3,
                                                                                   dtype=dtype_b)
+        if grad_b is not None:
+            b.grad_dtype = None
+            b.grad = grad_b
         sa = {"step": 1, "exp_avg": torch.zeros(4, 3)}
         sb = {"step": 1, "exp_avg": torch.zeros(4, 3, dtype=dtype_b) if state_b is None
               else state_b}
@@ -349,12 +357,20 @@ def test_uniform_groups_skip_the_bucketing_and_only_those():
             sb["exp_avg_sq"] = torch.zeros(4, 3)
         return [a, b], [sa, sb]
     ps, sts = case()
-    assert uniform_contiguous(ps, sts) and list(bucket_tensors(ps, sts).values()) == [[0, 1]]
+    [(key, idx)] = buckets(ps, sts)
+    assert idx is None and key.plain and key.layout == "contiguous"
     for kw in (dict(strided_grad=True), dict(dtype_b=torch.float64),
                dict(state_b=torch.zeros(4, 3, dtype=torch.bfloat16)),
-               dict(state_b=torch.zeros(3, 4).t()), dict(extra_key=True)):
+               dict(state_b=torch.zeros(3, 4).t()), dict(extra_key=True),
+               dict(grad_b=torch.ones(4, 3, dtype=torch.bfloat16)),
+               dict(grad_b=torch._neg_view(torch.ones(4, 3)))):
         ps, sts = case(**kw)
-        assert not uniform_contiguous(ps, sts), kw
+        got = buckets(ps, sts)
+        assert sorted(idx for _, idx in got) == [[0], [1]], kw
+        odd = next(key for key, idx in got if idx == [1])
+        assert not (odd.plain and odd.layout == "contiguous" and
+                    odd.grad_dtype == odd.param_dtype == torch.float32 and
+                    odd.state == (("exp_avg", torch.float32),)), kw
 
 
 # ------------------------------------------------------------------ state dicts

@@ -4,7 +4,8 @@ Every optimizer is a ``torch.optim.Optimizer`` subclass; see each class's docstr
 update rule in the paper's symbols and every departure from the paper.
 """
 
-from ._common import EPS_PLACEMENTS, WD_MODES, Optimizer
+from ._common import EPS_PLACEMENTS, WD_MODES
+from ._optimizer import Optimizer
 from .adafactor import Adafactor
 from .adagrad import AdaGrad
 from .adam import Adam, AdamW, AMSGrad

@@ -1,8 +1,33 @@
-"""optimlab's fused CPU kernels (``csrc/fused_cpu.cpp``): built on first use, called via ctypes.
+"""optimlab's fused CPU kernels (``csrc/``): a typed boundary, built on first use, called via
+ctypes.
+
+The boundary is named, not positional.  Each algorithm declares, in its own module, a frozen
+dataclass of its hyper-parameters (``AdamHyper``, ...), one of per-tensor scalars
+(``AdamStep``, ...) and a `FusedKernel` that binds them to its C++ entry point and names the
+state tensors it takes.  From those declarations this module generates the C header
+(`header`: one C struct per dataclass, fields in the same order and of the same name, and the
+enums of dtype and return codes), compiles the sources against it, and at load time compares
+the library's own account of its structs (``offsetof`` of every field, ``sizeof`` of every
+struct) with the ctypes layout of the declarations: a library that disagrees is not used.
+Changing an algorithm's hyper-parameters is therefore one edit, in its declaration; the
+kernels read ``hp->lr``, never ``hp[0]``.
+
+Every entry point has one signature::
+
+    int optimlab_<name>(const <Name>Hyper* hp, const <Name>Tensor* tensors, int64_t n,
+                        const Call* call);
+
+where ``<Name>Tensor`` holds the data pointers of the parameter, its gradient and the declared
+state tensors (0 where absent), ``numel`` and the per-tensor scalars, and ``Call`` the
+(parameter, gradient, state) dtype codes, the thread count, how many hyper-parameter structs
+``hp`` points to (several parameter groups in one call) and whether to skip the whole call
+when a gradient holds inf or NaN.  Before writing anything each kernel checks that the dtype
+combination is one it was built for and that no tensor it writes shares memory with another
+tensor of the call; it returns a `Rc` code otherwise, and the caller runs the reference path.
 
 Why a plain C ABI loaded with ctypes rather than a torch C++ extension: the kernels need
-nothing from torch but the tensors' data pointers, so the source includes no torch or Python
-header and compiles in seconds (a ``torch.utils.cpp_extension`` build includes
+nothing from torch but the tensors' data pointers, so the sources include no torch or Python
+header and compile in seconds (a ``torch.utils.cpp_extension`` build includes
 ``torch/extension.h``, takes about a minute on 2 cores before the first kernel line and wants
 ninja), and the library works with any torch version and Python ABI.  torch.compile needs a
 compile of the whole step per parameter layout at start-up, and torch's own fused Adam kernel
@@ -15,38 +40,44 @@ kernel rounds as the reference's torch ops do; what remains is torch's CPU sqrt 
 always correctly rounded) and the summation order of Adafactor's reductions.
 
 Build: on the first call that needs a kernel, the C++ compiler (``$CXX``, else ``c++``,
-``g++`` or ``clang++`` on the PATH) compiles the source with ``-O3 -fopenmp`` and the vector
-flags that match torch's CPU capability (AVX2+FMA, AVX-512 or the baseline), into
-``$OPTIMLAB_CACHE_DIR`` (default ``~/.cache/optimlab``, else a temporary directory), named by a
-hash of the source and the flags, so later processes load it at once.  OpenMP resolves to the
-``libgomp`` torch has already loaded, so the kernels share torch's thread pool; they use
-``torch.get_num_threads()`` threads.  Without OpenMP (e.g. Apple clang) the kernels run on one
-thread.  Without a compiler, or with ``OPTIMLAB_FUSED_CPU=0`` in the environment, nothing is
-built and every optimizer uses its PyTorch paths (`status` says why).
+``g++`` or ``clang++`` on the PATH) compiles each source (in parallel) with ``-O3 -fopenmp``
+and the vector flags that match torch's CPU capability (AVX2+FMA, AVX-512 or the baseline),
+into ``$OPTIMLAB_CACHE_DIR`` (default ``~/.cache/optimlab``, else a temporary directory),
+named by a hash of the sources, the generated header and the flags, so later processes load
+it at once.  OpenMP resolves to the ``libgomp`` torch has already loaded, so the kernels share
+torch's thread pool; they use ``torch.get_num_threads()`` threads.  Without OpenMP (e.g. Apple
+clang) the kernels run on one thread.  Without a compiler, or with ``OPTIMLAB_FUSED_CPU=0`` in
+the environment, nothing is built and every optimizer uses its PyTorch paths (`status` says
+why).  ``python -c "import optimlab._ext as e; print(e.header())"`` prints the generated
+header.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+import enum
 import hashlib
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import tempfile
 import threading
 import time
+import typing
 from array import array
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-__all__ = ["available", "status", "load", "set_enabled", "all_finite", "call", "dense",
-           "same_layout", "DTYPE_CODES"]
+__all__ = ["available", "status", "load", "set_enabled", "all_finite", "FusedKernel", "Call",
+           "Rc", "DTYPE_CODES", "declare", "header", "run", "stream_copy"]
 
-_SOURCE = Path(__file__).with_name("csrc") / "fused_cpu.cpp"
-_ABI_VERSION = 1
+_CSRC = Path(__file__).with_name("csrc")
+_ABI_VERSION = 2
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -54,9 +85,201 @@ _enabled = os.environ.get("OPTIMLAB_FUSED_CPU", "1").strip().lower() not in ("0"
 _status: dict = {"available": False, "reason": "not built yet", "path": None,
                  "build_seconds": None, "compiler": None, "flags": None}
 
+# the one table of dtype codes (C enum DType), for the kernels and the finite check
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float64: 2, torch.float16: 3}
+_DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float64: "F64",
+                torch.float16: "F16"}
 
 
+class Rc(enum.IntEnum):
+    """What a kernel returns (C enum Rc)."""
+    OK = 0
+    SKIPPED = 1           # a gradient held inf or NaN (Call.check_finite): nothing written
+    DTYPES = -1           # a dtype combination the kernel is not built for: nothing written
+    OVERLAP = -2          # a tensor it writes shares memory with another: nothing written
+    ARGS = -3             # an invalid call (null pointer, group index, an unsupported flag)
+
+
+# --------------------------------------------------------------------------- declarations
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """How a kernel is called (C struct ``Call``)."""
+    param_dtype: int
+    grad_dtype: int
+    state_dtype: int
+    threads: int
+    groups: int = 1            # hyper-parameter structs ``hp`` points to
+    check_finite: bool = False  # skip everything when a gradient holds inf/NaN (Adafactor)
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedKernel:
+    """The binding of an algorithm to its C++ kernel: the entry point ``optimlab_<name>``,
+    the hyper-parameter dataclass it takes (``hyper``), the state tensors whose data pointers
+    its tensor struct holds after the parameter's and the gradient's (``state``, in this
+    order; 0 when a tensor has none), the per-tensor scalar dataclass whose fields follow
+    ``numel`` (``scalars``), the (parameter, gradient, state) dtype combinations it is built
+    for (``dtypes``), and whether it needs contiguous tensors rather than tensors laid out
+    alike (``contiguous_only``).  `optimlab._optimizer.Optimizer` carries it out."""
+    name: str
+    hyper: type
+    state: tuple
+    scalars: type
+    dtypes: frozenset
+    contiguous_only: bool = False
+
+    @property
+    def tensor_struct(self) -> str:
+        """The C name of the tensor struct: ``AdamHyper`` -> ``AdamTensor``."""
+        return self.hyper.__name__.removesuffix("Hyper") + "Tensor"
+
+    def tensor_fields(self) -> list[tuple[str, str]]:
+        """(name, C type) of the tensor struct's fields."""
+        fields = [("param", "void*"), ("grad", "const void*")]
+        fields += [(k, "void*") for k in self.state]
+        fields.append(("numel", "int64_t"))
+        fields += [(f.name, _c_type(t)) for f, t in _fields(self.scalars)]
+        return fields
+
+
+_KERNELS: dict[str, FusedKernel] = {}
+_CACHE: dict = {}           # what is derived from the declarations (cleared by `declare`)
+
+
+def declare(kernel: FusedKernel) -> FusedKernel:
+    """Register an algorithm's kernel binding (at import of its module)."""
+    _KERNELS[kernel.name] = kernel
+    _CACHE.clear()
+    return kernel
+
+
+def _fields(cls: type) -> list[tuple[dataclasses.Field, type]]:
+    """(field, resolved type) of a dataclass of the boundary."""
+    got = _CACHE.get(("fields", cls))
+    if got is None:
+        hints = typing.get_type_hints(cls)
+        got = _CACHE[("fields", cls)] = [(f, hints[f.name]) for f in dataclasses.fields(cls)]
+    return got
+
+
+def _c_type(t: type) -> str:
+    if t is float:
+        return "double"
+    if t in (bool, int) or (isinstance(t, type) and issubclass(t, enum.IntEnum)):
+        return "int64_t"
+    if dataclasses.is_dataclass(t):
+        return t.__name__
+    raise TypeError(f"no C type for {t!r}")
+
+
+def _ctype(c: str, structs: dict) -> type:
+    if c == "double":
+        return ctypes.c_double
+    if c in ("int64_t",):
+        return ctypes.c_int64
+    if c.endswith("*"):
+        return ctypes.c_void_p
+    return structs[c]
+
+
+def _value_structs() -> list[type]:
+    """Every dataclass that crosses the boundary by value, nested ones first."""
+    out: list[type] = []
+
+    def visit(cls: type) -> None:
+        for _, t in _fields(cls):
+            if dataclasses.is_dataclass(t):
+                visit(t)
+        if cls not in out:
+            out.append(cls)
+    visit(Call)
+    for k in _KERNELS.values():
+        visit(k.hyper)
+    return out
+
+
+def _struct_fields() -> list[tuple[str, list[tuple[str, str]]]]:
+    """(struct name, [(field, C type)]) of every struct of the boundary, in header order."""
+    got = _CACHE.get("structs")
+    if got is None:
+        got = [(cls.__name__, [(f.name, _c_type(t)) for f, t in _fields(cls)])
+               for cls in _value_structs()]
+        got += [(k.tensor_struct, k.tensor_fields()) for k in _KERNELS.values()]
+        _CACHE["structs"] = got
+    return got
+
+
+def header() -> str:
+    """The C++ header the kernels are compiled against, generated from the declarations."""
+    lines = ["// Generated by optimlab._ext from the Python declarations (the hyper-parameter",
+             "// and per-tensor scalar dataclasses of each algorithm): do not edit; print it",
+             "// with python -c \"import optimlab._ext as e; print(e.header())\".",
+             "#pragma once", "#include <cstdint>", "", "namespace optimlab {", ""]
+    lines.append("enum DType : int64_t { " + ", ".join(
+        f"{_DTYPE_NAMES[d]} = {c}" for d, c in DTYPE_CODES.items()) + " };")
+    lines.append("enum Rc : int { " + ", ".join(f"RC_{r.name} = {int(r)}" for r in Rc) + " };")
+    lines.append("")
+    for name, fields in _struct_fields():
+        lines.append(f"struct {name} {{")
+        lines += [f"  {c} {f};" for f, c in fields]
+        lines += ["};", ""]
+    lines.append("}  // namespace optimlab")
+    lines.append("")
+    lines.append("// every struct and field, for optimlab_layout() (checked against ctypes at load)")
+    lines.append("#define OPTIMLAB_STRUCTS(S, F) \\")
+    body = []
+    for name, fields in _struct_fields():
+        body.append(f"  S({name})" + "".join(f" F({name}, {f})" for f, _ in fields))
+    lines.append(" \\\n".join(body))
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _ctypes_structs() -> dict[str, type]:
+    """ctypes.Structure classes for every struct of the header."""
+    got = _CACHE.get("ctypes")
+    if got is None:
+        got = _CACHE["ctypes"] = {}
+        for name, fields in _struct_fields():
+            got[name] = type(name, (ctypes.Structure,),
+                             {"_fields_": [(f, _ctype(c, got)) for f, c in fields]})
+    return got
+
+
+def _expected_layout() -> str:
+    out = []
+    for name, fields in _struct_fields():
+        st = _ctypes_structs()[name]
+        out.append(f";{name} {ctypes.sizeof(st)}" +
+                   "".join(f" {f}@{getattr(st, f).offset}" for f, _ in fields))
+    return "".join(out)
+
+
+def _to_c(obj) -> ctypes.Structure:
+    """The ctypes struct of a declaration's instance (nested dataclasses included)."""
+    cls = type(obj)
+    plan = _CACHE.get(("to_c", cls))
+    if plan is None:
+        plan = _CACHE[("to_c", cls)] = (
+            _ctypes_structs()[cls.__name__],
+            [(f.name, dataclasses.is_dataclass(t)) for f, t in _fields(cls)])
+    st, fields = plan
+    return st(*[_to_c(getattr(obj, name)) if nested else getattr(obj, name)
+                for name, nested in fields])
+
+
+def _packer(kernel: FusedKernel) -> struct.Struct:
+    """A `struct.Struct` that packs one row of ``kernel``'s tensor struct (faster than
+    filling ctypes fields); its layout is the ctypes struct's (a test checks it)."""
+    p = _CACHE.get(("packer", kernel.name))
+    if p is None:
+        codes = {"void*": "q", "const void*": "q", "int64_t": "q", "double": "d"}
+        p = _CACHE[("packer", kernel.name)] = struct.Struct(
+            "=" + "".join(codes[c] for _, c in kernel.tensor_fields()))
+    return p
+
+
+# --------------------------------------------------------------------------- building
 def _arch_flags() -> list[str]:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return []
@@ -98,21 +321,50 @@ def _cache_dir() -> Path:
 # -ffp-contract=off: no fused multiply-adds where the source writes a multiply and an add, so
 # every operation rounds as the reference kernel's torch ops do (with contraction the results
 # drift from torch.optim's by a few float32 ulps per step, beyond the parity tests' 1e-6)
-_BASE_FLAGS = ["-O3", "-std=gnu++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=off"]
+_BASE_FLAGS = ["-O3", "-std=gnu++17", "-fPIC", "-fno-math-errno", "-ffp-contract=off"]
+
+
+def _sources() -> list[Path]:
+    return sorted(_CSRC.glob("*.cpp"))
 
 
 def _build(cxx: str, flags: list[str], out: Path) -> None:
-    tmp = out.with_name(f"{out.stem}.{os.getpid()}.{threading.get_ident()}.tmp.so")
-    base = [cxx, *_BASE_FLAGS, *flags]
-    last = None
-    for omp in (["-fopenmp"], []):            # retry without OpenMP (e.g. Apple clang)
-        cmd = [*base, *omp, str(_SOURCE), "-o", str(tmp)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode == 0:
-            os.replace(tmp, out)              # atomic: concurrent builders cannot clash
-            return
-        last = proc.stderr.strip().splitlines()[-5:]
+    """Compile every source against the generated header (in parallel), link ``out``."""
+    with tempfile.TemporaryDirectory(prefix="optimlab-build-") as tmp:
+        tmpd = Path(tmp)
+        (tmpd / "optimlab_structs.h").write_text(header())
+        base = [cxx, *_BASE_FLAGS, *flags, f"-I{tmpd}", f"-I{_CSRC}"]
+        last = None
+        for omp in (["-fopenmp"], []):            # retry without OpenMP (e.g. Apple clang)
+            objs, procs = [], []
+            for src in _sources():
+                obj = tmpd / (src.stem + ".o")
+                objs.append(obj)
+                procs.append(subprocess.Popen([*base, *omp, "-c", str(src), "-o", str(obj)],
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                              text=True))
+            errors = [p.communicate()[1] for p in procs]
+            if all(p.returncode == 0 for p in procs):
+                so = tmpd / "k.so"
+                link = subprocess.run([cxx, "-shared", *omp, *map(str, objs), "-o", str(so)],
+                                      capture_output=True, text=True)
+                if link.returncode == 0:
+                    tmp_out = out.with_name(f"{out.stem}.{os.getpid()}.{threading.get_ident()}.tmp.so")
+                    shutil.copyfile(so, tmp_out)
+                    os.replace(tmp_out, out)      # atomic: concurrent builders cannot clash
+                    return
+                errors = [link.stderr]
+            last = [line for e in errors if e for line in e.strip().splitlines()][-5:]
     raise RuntimeError("compiling optimlab's CPU kernels failed: " + " | ".join(last or []))
+
+
+def _build_key(cxx: str, flags: list[str]) -> str:
+    h = hashlib.sha256()
+    for src in [*_sources(), *sorted(_CSRC.glob("*.h"))]:
+        h.update(src.name.encode() + src.read_bytes())
+    h.update(header().encode())
+    h.update(repr((cxx, _BASE_FLAGS, flags, platform.machine(), _ABI_VERSION)).encode())
+    return h.hexdigest()
 
 
 def load() -> ctypes.CDLL | None:
@@ -127,13 +379,12 @@ def load() -> ctypes.CDLL | None:
             return _lib
         _tried = True
         try:
+            import optimlab  # noqa: F401  (every algorithm's declaration is registered)
             cxx = _compiler()
             if cxx is None:
                 raise RuntimeError("no C++ compiler found ($CXX, c++, g++, clang++)")
             flags = _arch_flags()
-            key = hashlib.sha256(_SOURCE.read_bytes() + repr((cxx, _BASE_FLAGS, flags, platform.machine(),
-                                                              _ABI_VERSION)).encode()).hexdigest()
-            path = _cache_dir() / f"fused_cpu-{key[:16]}.so"
+            path = _cache_dir() / f"fused_cpu-{_build_key(cxx, flags)[:16]}.so"
             seconds = 0.0
             if not path.exists():
                 t0 = time.perf_counter()
@@ -142,18 +393,18 @@ def load() -> ctypes.CDLL | None:
             lib = ctypes.CDLL(str(path))
             if lib.optimlab_abi_version() != _ABI_VERSION:
                 raise RuntimeError(f"stale kernel library {path}")
-            for name in ("adam", "sgd", "adagrad", "rmsprop", "radam", "adafactor"):
-                fn = getattr(lib, f"optimlab_{name}")
-                fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                               ctypes.c_int]
+            lib.optimlab_layout.restype = ctypes.c_char_p
+            got, want = lib.optimlab_layout().decode(), _expected_layout()
+            if got != want:
+                raise RuntimeError(f"the kernel library's structs differ from the Python "
+                                   f"declarations ({path}): {got!r} != {want!r}")
+            for k in _KERNELS.values():
+                fn = getattr(lib, f"optimlab_{k.name}")
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
                 fn.restype = ctypes.c_int
             lib.optimlab_stream_copy.argtypes = [ctypes.c_void_p, ctypes.c_void_p,
                                                  ctypes.c_int64, ctypes.c_int]
             lib.optimlab_stream_copy.restype = None
-            lib.optimlab_adafactor_groups.argtypes = [
-                ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                ctypes.c_int, ctypes.c_int]
-            lib.optimlab_adafactor_groups.restype = ctypes.c_int
             lib.optimlab_all_finite.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
             lib.optimlab_all_finite.restype = ctypes.c_int
             _lib = lib
@@ -190,79 +441,47 @@ def set_enabled(flag: bool) -> bool:
 
 
 # --------------------------------------------------------------------------- calling
-def dense(t: torch.Tensor, like: torch.Tensor | None = None) -> bool:
-    """True when ``t``'s elements fill its memory exactly (contiguous, or dense in another
-    dimension order such as channels_last), with the same strides as ``like`` (so element i
-    of one is element i of the other)."""
-    if like is not None and (t.shape != like.shape or t.stride() != like.stride()):
-        return False
-    if t.is_contiguous():
-        return True
-    # non-overlapping and dense in some dimension order (e.g. channels_last)
-    dims = sorted(range(t.dim()), key=lambda d: t.stride(d))
-    expected = 1
-    for d in dims:
-        if t.size(d) != 1 and t.stride(d) != expected:
-            return False
-        expected *= t.size(d)
-    return True
-
-
-def same_layout(params: Sequence[torch.Tensor], states: Sequence[dict],
-                keys: Sequence[str]) -> bool:
-    """Every parameter, its gradient and its state tensors ``keys`` lay out their elements
-    alike (all contiguous, or dense with equal strides), so a kernel may treat them as flat
-    arrays."""
-    for p, st in zip(params, states):
-        g = p.grad
-        if p.is_contiguous() and g.is_contiguous() and all(st[k].is_contiguous() for k in keys):
-            continue
-        if not (dense(p) and dense(g, p) and all(dense(st[k], p) for k in keys)):
-            return False
-    return True
-
-
-def call(name: str, dtype_code: int, slots: Sequence[int], width: int,
-         hp: Sequence[float]) -> None:
-    """Run kernel ``name`` on ``len(slots) // width`` tensors (their slots as int64 values)."""
+def run(kernel: FusedKernel, hypers: Sequence, rows: Sequence[tuple], call: Call) -> Rc:
+    """Run ``kernel`` on the tensors described by ``rows`` (one tuple per tensor, the fields
+    of its tensor struct in order) with the hyper-parameter object(s) ``hypers``.  Returns
+    the kernel's `Rc`; ``DTYPES`` and ``ARGS`` (a declaration the library does not honour)
+    raise RuntimeError."""
     lib = load()
-    tab = array("q", slots)
-    hpa = array("d", hp)
-    rc = getattr(lib, f"optimlab_{name}")(dtype_code, len(tab) // width, tab.buffer_info()[0],
-                                         hpa.buffer_info()[0], torch.get_num_threads())
-    if rc != 0:
-        raise RuntimeError(f"optimlab fused CPU kernel {name} rejected dtype code {dtype_code}")
-
-
-def adafactor_groups(dtype_code: int, ngroups: int, hp: Sequence[float],
-                     slots: Sequence[int]) -> bool:
-    """Adafactor's whole step over several parameter groups (11 slots per tensor: the
-    adafactor layout, then the group index) with the non-finite check; True when a gradient
-    held inf or NaN and the step was skipped (nothing written)."""
-    lib = load()
-    tab = array("q", slots)
-    hpa = array("d", hp)
-    rc = lib.optimlab_adafactor_groups(dtype_code, ngroups, hpa.buffer_info()[0], len(tab) // 11,
-                                       tab.buffer_info()[0], torch.get_num_threads(), 1)
-    if rc < 0:
-        raise RuntimeError(f"optimlab fused CPU kernel adafactor rejected dtype code {dtype_code}")
-    return rc == 1
+    packer = _packer(kernel)
+    size = packer.size
+    buf = bytearray(size * len(rows))
+    pack = packer.pack_into
+    for i, row in enumerate(rows):
+        pack(buf, i * size, *row)
+    hp_t = _ctypes_structs()[kernel.hyper.__name__] * len(hypers)
+    hp = hp_t(*[_to_c(h) for h in hypers])
+    tab = (ctypes.c_char * len(buf)).from_buffer(buf) if buf else None
+    rc = Rc(getattr(lib, f"optimlab_{kernel.name}")(
+        ctypes.addressof(hp), ctypes.addressof(tab) if tab is not None else None, len(rows),
+        ctypes.byref(_to_c(call))))
+    if rc in (Rc.DTYPES, Rc.ARGS):
+        raise RuntimeError(f"optimlab's {kernel.name} kernel refused a call its declaration "
+                           f"allows ({rc.name}): {call}")
+    return rc
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool | None:
-    """True/False when every tensor could be checked by the kernel (CPU, dense, a float
-    dtype), else None (the caller checks with PyTorch)."""
+    """True/False when every tensor could be checked by the kernel (plain dense CPU tensors of
+    a float dtype), else None (the caller checks with PyTorch)."""
     lib = load()
     if lib is None:
         return None
+    from ._gate import dense, is_plain
     slots = []
     for t in tensors:
         code = DTYPE_CODES.get(t.dtype)
-        if code is None or not dense(t):
+        if code is None or not is_plain(t) or not t.is_cpu or not dense(t):
+            if code is not None and t.numel() == 0 and t.is_cpu:
+                continue
             return None
         slots += (t.data_ptr(), t.numel(), code)
     tab = array("q", slots)
-    rc = lib.optimlab_all_finite(len(tensors), tab.buffer_info()[0], torch.get_num_threads())
+    rc = lib.optimlab_all_finite(len(tab) // 3, tab.buffer_info()[0], torch.get_num_threads())
     if rc < 0:
         return None
     return rc == 1

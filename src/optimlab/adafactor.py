@@ -117,7 +117,7 @@ Departures
   reproduced bit for bit (measured in the parity tests, float32 and float64): with ``"grad_sq"`` the averages are written v*beta2 + (1-beta2)*x
   and 1/sqrt(V^) as rsqrt(R/mean R) rsqrt(C) (fairseq/transformers); with ``"clamp"`` they
   are lerps with weight t^c and V^ is the outer product R C (torch.optim).
-* Non-finite gradients follow ``nonfinite`` (`optimlab._common.Optimizer`).
+* Non-finite gradients follow ``nonfinite`` (`optimlab._optimizer.Optimizer`).
 
 Example
 -------
@@ -134,21 +134,97 @@ fairseq/transformers ``Adafactor``; ``torch.optim.Adafactor``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
+from torch.autograd.graph import increment_version
 
-from . import _ext
-from ._common import (NoFusedKernel, Optimizer, check_choice, check_range, check_weight_decay,
-                      decay_multiplier)
+from . import _ext, _gate
+from ._common import (ShrinkForm, WeightDecay, check_choice, check_range, check_weight_decay,
+                      scalar, signed)
+from ._foreach import TensorList
+from ._optimizer import Optimizer
 
-__all__ = ["Adafactor", "adafactor_update", "adafactor_update_foreach", "EPS1_PLACEMENTS",
-           "MOMENTUM_OF", "DECAY_SCALES"]
+__all__ = ["Adafactor", "AdafactorHyper", "AdafactorStep", "adafactor_step", "adafactor_update",
+           "adafactor_update_foreach", "EPS1_PLACEMENTS", "MOMENTUM_OF", "DECAY_SCALES"]
 
 EPS1_PLACEMENTS = ("grad_sq", "clamp")
 MOMENTUM_OF = ("scaled_update", "update")
 DECAY_SCALES = ("lr", "alpha")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdafactorHyper:
+    """One group's Adafactor hyper-parameters for a step (the C struct ``AdafactorHyper``).
+    ``eps1`` is resolved (None: the machine epsilon of the dtype of the group's first
+    parameter with a gradient); ``momentum`` is 0 without a first moment (beta1 None), 1 for
+    the average of the scaled update, 2 of the update; the decay's shrink is
+    ``decay.lam * alpha_t`` instead of ``decay.factor * decay.lam`` with
+    ``decay_by_alpha`` (``decay_scale="alpha"``)."""
+    lr: float                 # eta
+    eps1: float
+    eps2: float
+    clip_threshold: float     # d
+    decay_rate: float         # c
+    beta1: float
+    momentum: int
+    scale_parameter: bool
+    relative_step: bool
+    warmup_init: bool
+    grad_sq: bool             # eps1_placement == "grad_sq"
+    maximize: bool
+    decay: WeightDecay
+    decay_by_alpha: bool
+
+    @classmethod
+    def of(cls, group: dict, params) -> "AdafactorHyper":
+        eps1, eps2 = group["eps"]
+        if eps1 is None:          # torch.optim's rule: the first parameter's dtype, group-wide
+            eps1 = torch.finfo(params[0].dtype).eps
+        beta1 = group["beta1"]
+        by_alpha = group["decay_scale"] == "alpha"
+        return cls(lr=scalar(group["lr"]), eps1=eps1, eps2=eps2,
+                   clip_threshold=scalar(group["clip_threshold"]),
+                   decay_rate=scalar(group["decay_rate"]),
+                   beta1=0.0 if beta1 is None else beta1,
+                   momentum=0 if beta1 is None else (1 if group["momentum_of"] == "scaled_update"
+                                                     else 2),
+                   scale_parameter=group["scale_parameter"],
+                   relative_step=group["relative_step"], warmup_init=group["warmup_init"],
+                   grad_sq=group["eps1_placement"] == "grad_sq", maximize=group["maximize"],
+                   decay=WeightDecay.of(group, form=ShrinkForm.ADD if by_alpha
+                                        else ShrinkForm.MULTIPLY),
+                   decay_by_alpha=by_alpha)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdafactorStep:
+    """Per tensor: its geometry (``batches`` matrices of ``rows`` x ``cols``, row-major;
+    ``cols`` = 0 for an unfactored tensor of ``rows`` elements), its group's index in a call
+    over several groups, rho_t and ``decay_weight`` = t^c (beta2_t = 1 - t^c)."""
+    batches: int
+    rows: int
+    cols: int
+    group: int
+    rho: float
+    decay_weight: float
+
+
+def adafactor_step(hp: AdafactorHyper, t: int, shape: tuple, factored: bool,
+                   group: int = 0) -> AdafactorStep:
+    """`AdafactorStep` of step ``t`` for a tensor of ``shape``."""
+    if factored:
+        batches = 1
+        for d in shape[:-2]:
+            batches *= d
+        rows, cols = shape[-2], shape[-1]
+    else:
+        batches, rows, cols = 1, math.prod(shape), 0
+    return AdafactorStep(batches=batches, rows=rows, cols=cols, group=group,
+                         rho=relative_step_size(t, hp.lr, hp.relative_step, hp.warmup_init),
+                         decay_weight=math.pow(t, hp.decay_rate))
 
 
 def relative_step_size(step: int, lr: float, relative_step: bool, warmup_init: bool) -> float:
@@ -161,32 +237,54 @@ def relative_step_size(step: int, lr: float, relative_step: bool, warmup_init: b
     return rho
 
 
-def adafactor_update(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor | None,
-                     row: torch.Tensor | None, col: torch.Tensor | None,
-                     v: torch.Tensor | None, *, step: int, rho: float, scale_parameter: bool,
-                     eps1: float, eps2: float, eps1_placement: str, clip_threshold: float,
-                     decay_rate: float, beta1: float | None, momentum_of: str,
-                     weight_decay: float, decay_factor: float | None,
-                     wd_after_update: bool) -> None:
-    """One Adafactor step on one tensor, in place (the reference kernel: readable, per tensor).
+def adafactor_update(p, g, state: dict, hp: AdafactorHyper, s: AdafactorStep) -> None:
+    """One Adafactor step on one tensor, in place: the reference kernel (readable, per tensor).
 
-    ``g`` already contains any maximize sign and L2 term.  ``row``/``col`` are the factored
-    second moment (shapes ``p.shape[:-1]`` and ``p.shape[:-2] + p.shape[-1:]``) or None,
-    in which case ``v`` (shape of ``p``) is the unfactored one.  ``exp_avg`` is None unless
-    beta1 is set.  Decoupled decay multiplies X by (1 - f * weight_decay) with
-    f = ``decay_factor``, or f = alpha_t when ``decay_factor`` is None; pass
-    ``weight_decay=0`` for none.
+    The update is computed in the dtype of the tensor's state (fp32 for bf16/fp16 weights
+    with ``upcast``, or as a state dict saved it), on a copy of the weights where that is not
+    theirs (rounded back once); the gradient is brought to that dtype, signed (maximize) and
+    given its L2 term there.  A zero-size tensor does not move."""
+    if p.numel() == 0:
+        return
+    if p.is_meta:
+        raise NotImplementedError(
+            "optimlab.Adafactor cannot step meta tensors: its step size and update clipping "
+            "read RMS values of the data (torch.optim.Adafactor cannot either)")
+    if type(p).__name__ == "DTensor":
+        raise NotImplementedError(
+            "optimlab.Adafactor does not take DTensor (FSDP2, tensor-parallel) parameters: its "
+            "factored statistics and RMS need collectives over the parameter's mesh; the other "
+            "optimlab optimizers do take them")
+    row, col, v = state.get("exp_avg_sq_row"), state.get("exp_avg_sq_col"), state.get("exp_avg_sq")
+    dtype = (row if row is not None else v).dtype
+    work = p if dtype == p.dtype else p.to(dtype)           # e.g. an fp32 copy of a bf16 p
+    g = hp.decay.grad(work, signed(g.to(dtype), hp.maximize))
+    _adafactor_tensor(work, g, state.get("exp_avg"), row, col, v, hp, s)
+    if work is not p:
+        p.copy_(work)
 
-    Two arithmetic layouts, chosen by ``eps1_placement`` (same math up to eps1, different
-    rounding): ``"grad_sq"`` is written as fairseq/transformers write it, with RMS(X), alpha_t
-    and the clipping factor as 0-dim tensors; ``"clamp"`` as torch.optim writes it, with
-    python-float step sizes.  The parity tests find each reference reproduced to the last
-    bit."""
-    fairseq = eps1_placement == "grad_sq"
+
+def _adafactor_tensor(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor | None,
+                      row: torch.Tensor | None, col: torch.Tensor | None,
+                      v: torch.Tensor | None, hp: AdafactorHyper, s: AdafactorStep) -> None:
+    """`adafactor_update` of a tensor in its compute dtype, ``g`` signed and with its L2 term.
+
+    ``row``/``col`` are the factored second moment (shapes ``p.shape[:-1]`` and
+    ``p.shape[:-2] + p.shape[-1:]``) or None, in which case ``v`` (shape of ``p``) is the
+    unfactored one.  ``exp_avg`` is None without a first moment.
+
+    Two arithmetic layouts, chosen by ``hp.grad_sq`` (eps1 placement; same math up to eps1,
+    different rounding): ``"grad_sq"`` is written as fairseq/transformers write it, with
+    RMS(X), alpha_t and the clipping factor as 0-dim tensors; ``"clamp"`` as torch.optim
+    writes it, with python-float step sizes.  The parity tests find each reference reproduced
+    to the last bit."""
+    fairseq = hp.grad_sq
+    rho, eps1, eps2, clip_threshold = s.rho, hp.eps1, hp.eps2, hp.clip_threshold
+    beta1 = hp.beta1 if hp.momentum else None
     n = p.numel()
 
     # alpha_t = max(eps2, RMS(X_{t-1})) * rho_t, read before this step's decay
-    if not scale_parameter:
+    if not hp.scale_parameter:
         alpha = rho
     elif fairseq:       # a 0-dim tensor, or the float eps2 * rho_t where the floor binds
         alpha = max(eps2, p.norm(2) / (n ** 0.5)) * rho
@@ -194,19 +292,19 @@ def adafactor_update(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor | N
         alpha = max(eps2, p.norm(2).item() / (n ** 0.5)) * rho
 
     def shrink() -> None:
-        if weight_decay == 0:
+        if hp.decay.lam == 0:
             return
-        if decay_factor is None:                       # X - alpha_t * lambda * X
-            p.add_(p, alpha=-weight_decay * alpha)
+        if hp.decay_by_alpha:                          # X - alpha_t * lambda * X
+            hp.decay.shrink(p, hp.decay.lam * alpha)
         else:                                          # X * (1 - f * lambda)
-            p.mul_(1 - decay_factor * weight_decay)
+            hp.decay.shrink(p)
 
-    if not wd_after_update:
+    if not hp.decay.after:
         shrink()
 
     # U_t = G_t / sqrt(V^_t)
     if fairseq:
-        beta2 = 1.0 - math.pow(step, decay_rate)
+        beta2 = 1.0 - s.decay_weight                   # beta2_t = 1 - t^c
         sq = g * g + eps1                              # G_t^2 + eps1
         if row is not None:
             row.mul_(beta2).add_(sq.mean(dim=-1), alpha=1.0 - beta2)
@@ -218,7 +316,7 @@ def adafactor_update(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor | N
             v.mul_(beta2).add_(sq, alpha=1.0 - beta2)
             u = v.rsqrt().mul_(g)
     else:
-        weight = math.pow(step, decay_rate)            # 1 - beta2_t
+        weight = s.decay_weight                        # 1 - beta2_t = t^c
         if row is not None:
             row.lerp_(torch.linalg.vector_norm(g, dim=-1).square_().div_(g.size(-1)), weight)
             col.lerp_(torch.linalg.vector_norm(g, dim=-2).square_().div_(g.size(-2)), weight)
@@ -235,7 +333,7 @@ def adafactor_update(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor | N
         u.div_((u.norm(2) / (n ** 0.5) / clip_threshold).clamp_(min=1.0))     # U^_t
         if beta1 is None:
             p.sub_(u.mul_(alpha))
-        elif momentum_of == "scaled_update":
+        elif hp.momentum == 1:                         # of the scaled update
             exp_avg.mul_(beta1).add_(u.mul_(alpha), alpha=1.0 - beta1)
             p.sub_(exp_avg)
         else:
@@ -245,34 +343,35 @@ def adafactor_update(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor | N
         clip = max(1.0, u.norm(2).item() / ((n ** 0.5) * clip_threshold))
         if beta1 is None:
             p.add_(u, alpha=-alpha / clip)
-        elif momentum_of == "scaled_update":
+        elif hp.momentum == 1:
             exp_avg.mul_(beta1).add_(u, alpha=(1.0 - beta1) * alpha / clip)
             p.sub_(exp_avg)
         else:
             exp_avg.mul_(beta1).add_(u, alpha=(1.0 - beta1) / clip)
             p.add_(exp_avg, alpha=-alpha)
 
-    if wd_after_update:
+    if hp.decay.after:
         shrink()
 
 
 def adafactor_update_foreach(ps: list[torch.Tensor], gs: list[torch.Tensor],
                              exp_avgs: list[torch.Tensor | None],
                              rows: list[torch.Tensor | None], cols: list[torch.Tensor | None],
-                             vs: list[torch.Tensor | None], *, steps: list[int],
-                             rhos: list[float], scale_parameter: bool, eps1: float, eps2: float,
-                             eps1_placement: str, clip_threshold: float, decay_rate: float,
-                             beta1: float | None, momentum_of: str, weight_decay: float,
-                             decay_factor: float | None, wd_after_update: bool) -> None:
-    """`adafactor_update` on lists of tensors that share a device and dtypes: the same
+                             vs: list[torch.Tensor | None], hp: AdafactorHyper,
+                             steps: list[AdafactorStep]) -> None:
+    """`_adafactor_tensor` on lists of tensors that share a device and dtypes: the same
     arithmetic, with the whole-tensor norms (RMS of theta, RMS of U) taken by one
     multi-tensor reduction each, the element-wise steps by ``torch._foreach_*`` kernels, and,
     in the ``"clamp"`` layout, one host sync per reduction instead of one per tensor.  The
-    row/column reductions stay per tensor (their shapes differ)."""
-    fairseq = eps1_placement == "grad_sq"
+    row/column reductions stay per tensor (their shapes differ), so this is Adafactor's own
+    multi-tensor kernel rather than `adafactor_update` on TensorLists."""
+    fairseq = hp.grad_sq
+    eps1, eps2, clip_threshold = hp.eps1, hp.eps2, hp.clip_threshold
+    beta1 = hp.beta1 if hp.momentum else None
+    rhos = [st.rho for st in steps]
     ns = [p.numel() for p in ps]
     k = range(len(ps))
-    if not scale_parameter:
+    if not hp.scale_parameter:
         alphas = list(rhos)
     elif fairseq:
         norms = torch._foreach_norm(ps, 2)
@@ -282,15 +381,15 @@ def adafactor_update_foreach(ps: list[torch.Tensor], gs: list[torch.Tensor],
         alphas = [max(eps2, norms[i] / (ns[i] ** 0.5)) * rhos[i] for i in k]
 
     def shrink() -> None:
-        if weight_decay == 0:
+        if hp.decay.lam == 0:
             return
-        if decay_factor is None:
+        if hp.decay_by_alpha:
             for p, a in zip(ps, alphas):
-                p.add_(p, alpha=-weight_decay * a)
+                hp.decay.shrink(p, hp.decay.lam * a)
         else:
-            torch._foreach_mul_(ps, 1 - decay_factor * weight_decay)
+            hp.decay.shrink(TensorList(ps))
 
-    if not wd_after_update:
+    if not hp.decay.after:
         shrink()
 
     us: list[torch.Tensor] = [None] * len(ps)        # type: ignore[list-item]
@@ -298,7 +397,7 @@ def adafactor_update_foreach(ps: list[torch.Tensor], gs: list[torch.Tensor],
         sq = torch._foreach_mul(gs, gs)
         torch._foreach_add_(sq, eps1)
         for i in k:
-            beta2 = 1.0 - math.pow(steps[i], decay_rate)
+            beta2 = 1.0 - steps[i].decay_weight
             if rows[i] is not None:
                 rows[i].mul_(beta2).add_(sq[i].mean(dim=-1), alpha=1.0 - beta2)
                 cols[i].mul_(beta2).add_(sq[i].mean(dim=-2), alpha=1.0 - beta2)
@@ -314,7 +413,7 @@ def adafactor_update_foreach(ps: list[torch.Tensor], gs: list[torch.Tensor],
         if beta1 is None:
             for i in k:
                 ps[i].sub_(us[i].mul_(alphas[i]))
-        elif momentum_of == "scaled_update":
+        elif hp.momentum == 1:
             for i in k:
                 us[i].mul_(alphas[i])
             torch._foreach_mul_(exp_avgs, beta1)
@@ -327,7 +426,7 @@ def adafactor_update_foreach(ps: list[torch.Tensor], gs: list[torch.Tensor],
                 ps[i].sub_(exp_avgs[i] * alphas[i])
     else:
         for i in k:
-            weight = math.pow(steps[i], decay_rate)
+            weight = steps[i].decay_weight
             g = gs[i]
             if rows[i] is not None:
                 rows[i].lerp_(torch.linalg.vector_norm(g, dim=-1).square_().div_(g.size(-1)),
@@ -349,7 +448,7 @@ def adafactor_update_foreach(ps: list[torch.Tensor], gs: list[torch.Tensor],
         if beta1 is None:
             for i in k:
                 ps[i].add_(us[i], alpha=-alphas[i] / clips[i])
-        elif momentum_of == "scaled_update":
+        elif hp.momentum == 1:
             torch._foreach_mul_(exp_avgs, beta1)
             for i in k:
                 exp_avgs[i].add_(us[i], alpha=(1.0 - beta1) * alphas[i] / clips[i])
@@ -360,8 +459,11 @@ def adafactor_update_foreach(ps: list[torch.Tensor], gs: list[torch.Tensor],
                 exp_avgs[i].add_(us[i], alpha=(1.0 - beta1) / clips[i])
                 ps[i].add_(exp_avgs[i], alpha=-alphas[i])
 
-    if wd_after_update:
+    if hp.decay.after:
         shrink()
+
+
+_F32, _F64 = torch.float32, torch.float64
 
 
 class Adafactor(Optimizer):
@@ -389,8 +491,8 @@ class Adafactor(Optimizer):
         wd_after_update: decay the updated weights instead of theta_{t-1}.
         upcast: update bf16/fp16 parameters in fp32 with fp32 state (default True).
         maximize: ascend instead of descend.
-        nonfinite: ``"skip"``, ``"raise"`` or ``"ignore"`` (see `optimlab._common.Optimizer`).
-        impl: ``"auto"``, ``"reference"``, ``"foreach"`` or ``"fused"`` (see `optimlab._common`).
+        nonfinite: ``"skip"``, ``"raise"`` or ``"ignore"`` (see `optimlab._optimizer.Optimizer`).
+        impl: ``"auto"``, ``"reference"``, ``"foreach"`` or ``"fused"`` (see `optimlab._optimizer`).
             The fused CPU kernel (fp32/fp64 weights with state in the same dtype) reads each
             factored tensor twice: RMS(theta), the row/column means of G^2 and RMS(U) (as
             d sum_j w_j / C_j with w_j = sum_i G_ij^2 / R_i, exact up to rounding; a pass of
@@ -406,6 +508,14 @@ class Adafactor(Optimizer):
     Example:
         >>> opt = optimlab.Adafactor(model.parameters(), beta1=0.9, weight_decay=1e-2)
     """
+
+    Hyper = AdafactorHyper
+    fused = _ext.declare(_ext.FusedKernel(
+        name="adafactor", hyper=AdafactorHyper,
+        state=("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"),
+        scalars=AdafactorStep, dtypes=frozenset({(_F32, _F32, _F32), (_F64, _F64, _F64)}),
+        contiguous_only=True))
+    _kernel = staticmethod(adafactor_update)
 
     def __init__(self, params, lr: float = 1e-2, eps=(1e-30, 1e-3), clip_threshold: float = 1.0,
                  decay_rate: float = -0.8, beta1: float | None = None,
@@ -466,145 +576,37 @@ class Adafactor(Optimizer):
                                                    memory_format=torch.preserve_format)
         return state
 
-    @staticmethod
-    def _eps1(group: dict, params: list[torch.Tensor]) -> float:
-        eps1 = group["eps"][0]
-        if eps1 is None:           # torch.optim's rule: the first parameter's dtype, group-wide
-            eps1 = torch.finfo(params[0].dtype).eps
-        return eps1
+    def _scalars(self, hp: AdafactorHyper, params, states, group_index: int = 0):
+        cache: dict = {}
+        out = []
+        for p, st in zip(params, states):
+            key = (st["step"], p.shape, "exp_avg_sq_row" in st)
+            s = cache.get(key)
+            if s is None:
+                s = cache[key] = (key, adafactor_step(hp, st["step"] + 1, tuple(p.shape),
+                                                      key[2], group_index))
+            out.append(s)
+        return out
 
-    def _update_group(self, group: dict, params: list[torch.Tensor]) -> None:
-        self._group_eps1 = self._eps1(group, params)
-        try:
-            super()._update_group(group, params)
-        finally:
-            self._group_eps1 = None
-
-    def _update_param(self, p, grad, state, group, *, eps1: float | None = None) -> None:
-        state["step"] += 1
-        step = state["step"]
-        if p.numel() == 0:
-            return
-        if eps1 is None:
-            eps1 = getattr(self, "_group_eps1", None)
-        if eps1 is None:
-            eps1 = group["eps"][0]
-            if eps1 is None:
-                eps1 = torch.finfo(p.dtype).eps
-        # compute in the state's dtype: fp32 for bf16/fp16 with upcast, or as saved
-        dtype = state["exp_avg_sq_row" if "exp_avg_sq_row" in state else "exp_avg_sq"].dtype
-        work = p if dtype == p.dtype else p.to(dtype)   # e.g. an fp32 copy of a bf16 p
-        g = grad.to(dtype)
-        if group["maximize"]:
-            g = -g
-        wd, decay_factor = group["weight_decay"], None
-        if wd != 0 and group["wd_mode"] == "l2":
-            g = g.add(work, alpha=wd)
-            wd = 0.0
-        elif group["decay_scale"] == "lr":
-            decay_factor = decay_multiplier(group)      # eta, or eta / eta_0 (independent)
-        adafactor_update(
-            work, g, state.get("exp_avg"), state.get("exp_avg_sq_row"),
-            state.get("exp_avg_sq_col"), state.get("exp_avg_sq"), step=step,
-            rho=relative_step_size(step, group["lr"], group["relative_step"],
-                                   group["warmup_init"]),
-            scale_parameter=group["scale_parameter"], eps1=eps1, eps2=group["eps"][1],
-            eps1_placement=group["eps1_placement"], clip_threshold=group["clip_threshold"],
-            decay_rate=group["decay_rate"], beta1=group["beta1"],
-            momentum_of=group["momentum_of"], weight_decay=wd, decay_factor=decay_factor,
-            wd_after_update=group["wd_after_update"])
-        if work is not p:
-            p.copy_(work)
-
-    def _decay(self, group: dict) -> tuple[float, float | None, float]:
-        """(weight_decay for the shrink, its factor f (None: alpha_t), the L2 coefficient)."""
-        wd = group["weight_decay"]
-        if wd != 0 and group["wd_mode"] == "l2":
-            return 0.0, None, wd
-        return wd, (decay_multiplier(group) if group["decay_scale"] == "lr" else None), 0.0
-
-    def _foreach_update(self, group, params, states) -> None:
-        for state in states:
-            state["step"] += 1
+    def _foreach(self, hp: AdafactorHyper, params, states, scalars) -> None:
         live = [i for i, p in enumerate(params) if p.numel() > 0]
-        if not live:
-            return
-        params, states = [params[i] for i in live], [states[i] for i in live]
-        st0 = states[0]
-        dtype = st0["exp_avg_sq_row" if "exp_avg_sq_row" in st0 else "exp_avg_sq"].dtype
-        works = [p if dtype == p.dtype else p.to(dtype) for p in params]
-        grads = [p.grad.to(dtype) for p in params]
-        if group["maximize"]:
-            grads = torch._foreach_neg(grads)
-        wd, decay_factor, wd_l2 = self._decay(group)
-        if wd_l2 != 0:
-            grads = torch._foreach_add(grads, works, alpha=wd_l2)
-        steps = [s["step"] for s in states]
-        adafactor_update_foreach(
-            works, grads, [s.get("exp_avg") for s in states],
-            [s.get("exp_avg_sq_row") for s in states], [s.get("exp_avg_sq_col") for s in states],
-            [s.get("exp_avg_sq") for s in states], steps=steps,
-            rhos=[relative_step_size(t, group["lr"], group["relative_step"], group["warmup_init"])
-                  for t in steps],
-            scale_parameter=group["scale_parameter"], eps1=self._group_eps1,
-            eps2=group["eps"][1], eps1_placement=group["eps1_placement"],
-            clip_threshold=group["clip_threshold"], decay_rate=group["decay_rate"],
-            beta1=group["beta1"], momentum_of=group["momentum_of"], weight_decay=wd,
-            decay_factor=decay_factor, wd_after_update=group["wd_after_update"])
-        for p, w in zip(params, works):
-            if w is not p:
-                p.copy_(w)
-
-    def _fused_slots(self, group, params, states) -> tuple[int, list[int]]:
-        """The fused kernel's dtype code and per-tensor slots for one bucket (advances
-        ``step``), or `NoFusedKernel`."""
-        code = {torch.float32: 0, torch.float64: 2}.get(params[0].dtype)
-        for p, st in zip(params, states):
-            tensors = [st[k] for k in ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col",
-                                       "exp_avg_sq") if k in st]
-            if p.device.type != "cpu" or code is None or p.dtype != params[0].dtype or \
-                    not _ext.available() or any(t.dtype != p.dtype for t in tensors):
-                raise NoFusedKernel(
-                    f"no fused Adafactor kernel for {p.dtype} on {p.device.type} with "
-                    f"{tensors[-1].dtype} state (optimlab's CPU kernels: fp32/fp64 weights and "
-                    f"state; available: {_ext.available()})")
-            if not (p.is_contiguous() and p.grad.is_contiguous()
-                    and all(t.is_contiguous() for t in tensors)):
-                raise NoFusedKernel("the fused Adafactor kernel needs contiguous tensors")
-        slots = []
-        for p, st in zip(params, states):
+        if live:
+            ps, sts = [params[i] for i in live], [states[i] for i in live]
+            st0 = sts[0]
+            dtype = st0["exp_avg_sq_row" if "exp_avg_sq_row" in st0 else "exp_avg_sq"].dtype
+            works = [p if dtype == p.dtype else p.to(dtype) for p in ps]
+            grads = TensorList([p.grad.to(dtype) for p in ps])
+            grads = hp.decay.grad(TensorList(works), signed(grads, hp.maximize)).ts
+            adafactor_update_foreach(
+                works, grads, [s.get("exp_avg") for s in sts],
+                [s.get("exp_avg_sq_row") for s in sts], [s.get("exp_avg_sq_col") for s in sts],
+                [s.get("exp_avg_sq") for s in sts], hp, [scalars[i][1] for i in live])
+            for p, w in zip(ps, works):
+                if w is not p:
+                    p.copy_(w)
+        for st in states:
             st["step"] += 1
-            shape = p.shape
-            if "exp_avg_sq_row" in st:
-                batches = 1
-                for d in shape[:-2]:
-                    batches *= d
-                geometry = (batches, shape[-2], shape[-1])
-            else:
-                geometry = (1, p.numel(), 0)
-            slots.append((p.data_ptr(), p.grad.data_ptr(),
-                          st["exp_avg"].data_ptr() if "exp_avg" in st else 0,
-                          st["exp_avg_sq_row"].data_ptr() if "exp_avg_sq_row" in st else 0,
-                          st["exp_avg_sq_col"].data_ptr() if "exp_avg_sq_col" in st else 0,
-                          st["exp_avg_sq"].data_ptr() if "exp_avg_sq" in st else 0,
-                          *geometry, st["step"]))
-        return code, slots
-
-    def _fused_hp(self, group) -> tuple[float, ...]:
-        wd, decay_factor, wd_l2 = self._decay(group)
-        nan = float("nan")
-        beta1 = group["beta1"]
-        return (group["lr"], self._group_eps1, group["eps"][1], group["clip_threshold"],
-                group["decay_rate"], nan if beta1 is None else beta1, wd,
-                nan if decay_factor is None else decay_factor, wd_l2, group["wd_after_update"],
-                group["scale_parameter"], group["relative_step"], group["warmup_init"],
-                group["eps1_placement"] == "grad_sq", group["momentum_of"] == "update",
-                group["maximize"])
-
-    def _fused_update(self, group, params, states) -> str:
-        code, slots = self._fused_slots(group, params, states)
-        _ext.call("adafactor", code, [x for s in slots for x in s], 10, self._fused_hp(group))
-        return "fused-cpu"
+        self._used.add("foreach")
 
     def _checked_step(self, work) -> bool | None:
         """The whole step (every group) in one call of the fused kernel, which runs pass 1 of
@@ -612,35 +614,40 @@ class Adafactor(Optimizer):
         if self.impl not in ("auto", "fused") or not _ext.available():
             return None
         live = [(group, params) for group, params in work if params]
-        if live[0][1][0].device.type != "cpu":   # accelerators: the separate check
-            return None
-        fresh, counted, slots, hps = [], [], [], []
-        skipped = code = None
+        fresh, hps, rows, parts, keys = [], [], [], [], set()
+        ran = False
         try:
             for gi, (group, params) in enumerate(live):
+                hp = self.Hyper.of(group, params)
                 states = self._group_states(group, params, fresh)
-                self._group_eps1 = self._eps1(group, params)
-                group_code, group_slots = self._fused_slots(group, params, states)
-                counted.extend(states)       # _fused_slots advanced their steps
-                if code is not None and group_code != code:
-                    raise NoFusedKernel("one kernel call takes one dtype")
-                code = group_code
-                slots.extend(x for s in group_slots for x in (*s, gi))
-                hps.extend(self._fused_hp(group))
-            skipped = _ext.adafactor_groups(code, len(live), hps, slots)
-        except NoFusedKernel:
-            pass
+                buckets = _gate.buckets(params, states)
+                if len(buckets) != 1 or self._cpu_refusal(buckets[0][0], hp) is not None:
+                    return None
+                key = buckets[0][0]
+                keys.add(key[:3])                 # one call takes one dtype combination
+                scalars = self._scalars(hp, params, states, gi)
+                hps.append(hp)
+                rows.extend(self._fused_rows(params, states, scalars, key))
+                parts.append((params, states))
+            if len(keys) != 1:
+                return None
+            rc = _ext.run(self.fused, hps, rows, self._call(key, groups=len(hps),
+                                                            check_finite=True))
+            if rc == _ext.Rc.OVERLAP:
+                return None
+            ran = rc == _ext.Rc.OK
         finally:
-            self._group_eps1 = None
-            if skipped is not False:         # not run, or run and skipped: undo the counters
-                for state in counted:
-                    state["step"] -= 1
-                for p, known in fresh:       # as before the step: no state, or an empty one
+            if not ran:                          # not run, or skipped: as before the step
+                for p, known in fresh:           # (no state, or an empty one)
                     if known:
                         self.state[p].clear()
                     else:
                         del self.state[p]
-        if skipped is None:
-            return None
+        if not ran:                              # a gradient held inf or NaN
+            return False
+        for params, states in parts:
+            for st in states:
+                st["step"] += 1
+            increment_version(params)
         self._used.add("fused-cpu")
-        return not skipped
+        return True

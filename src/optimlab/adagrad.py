@@ -29,36 +29,57 @@ Reference:
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from . import _ext
-from ._common import (Optimizer, check_range, check_weight_decay,
-                      decay_after_update, foreach_decay_after_update, foreach_grads_with_decay,
-                      fused_decay_scalars, grad_with_decay)
+from ._common import WeightDecay, check_range, check_weight_decay, scalar, signed
+from ._optimizer import Optimizer
 
-__all__ = ["AdaGrad", "adagrad_update", "adagrad_update_foreach"]
-
-
-def adagrad_update(p: torch.Tensor, g: torch.Tensor, state_sum: torch.Tensor, *, step: int,
-                   lr: float, lr_decay: float, eps: float) -> None:
-    """One AdaGrad step on one tensor, in place, in torch.optim's single-tensor operation
-    order.  ``g`` already contains any L2 term (and the sign flip of ``maximize``)."""
-    clr = lr / (1 + (step - 1) * lr_decay)                      # eta_t
-    state_sum.addcmul_(g, g, value=1)                           # s_t = s_{t-1} + g_t^2
-    std = state_sum.sqrt().add_(eps)                            # sqrt(s_t) + delta
-    p.addcdiv_(g, std, value=-clr)                              # theta_t
+__all__ = ["AdaGrad", "AdaGradHyper", "AdaGradStep", "adagrad_update"]
 
 
-def adagrad_update_foreach(params: list[torch.Tensor], grads: list[torch.Tensor],
-                           sums: list[torch.Tensor], *, steps: list[int], lr: float,
-                           lr_decay: float, eps: float) -> None:
-    """`adagrad_update` on lists of tensors that share a device and dtypes."""
-    clr = [lr / (1 + (t - 1) * lr_decay) for t in steps]
-    torch._foreach_addcmul_(sums, grads, grads, value=1)
-    std = torch._foreach_sqrt(sums)
-    torch._foreach_add_(std, eps)
-    torch._foreach_addcdiv_(params, grads, std, [-c for c in clr])
+@dataclasses.dataclass(frozen=True)
+class AdaGradHyper:
+    """One group's AdaGrad hyper-parameters for a step (the C struct ``AdaGradHyper``)."""
+    lr: float                 # eta
+    lr_decay: float           # gamma
+    eps: float                # delta
+    maximize: bool
+    decay: WeightDecay
 
+    @classmethod
+    def of(cls, group: dict, params=None) -> "AdaGradHyper":
+        return cls(lr=scalar(group["lr"]), lr_decay=scalar(group["lr_decay"]),
+                   eps=scalar(group["eps"]), maximize=group["maximize"],
+                   decay=WeightDecay.of(group))
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaGradStep:
+    """eta_t = eta / (1 + (t - 1) gamma), the step size of step t."""
+    eta_t: float
+
+
+def adagrad_step(hp: AdaGradHyper, t: int) -> AdaGradStep:
+    return AdaGradStep(eta_t=hp.lr / (1 + (t - 1) * hp.lr_decay))
+
+
+def adagrad_update(p, g, state: dict, hp: AdaGradHyper, s: AdaGradStep) -> None:
+    """One AdaGrad step, in place, in torch.optim's single-tensor operation order: the
+    reference kernel (on `optimlab._foreach.TensorList` s, the multi-tensor one).  ``state``
+    holds ``sum`` (s_t)."""
+    g = hp.decay.grad(p, signed(g, hp.maximize))            # g (+ lambda theta for L2)
+    hp.decay.before(p)                                      # decoupled decay of theta_{t-1}
+    state_sum = state["sum"]
+    state_sum.addcmul_(g, g, value=1)                       # s_t = s_{t-1} + g_t^2
+    std = state_sum.sqrt().add_(hp.eps)                     # sqrt(s_t) + delta
+    p.addcdiv_(g, std, value=-s.eta_t)                      # theta_t
+    hp.decay.after_update(p)                                # decay of the updated weights
+
+
+_F32, _F64 = torch.float32, torch.float64
 
 class AdaGrad(Optimizer):
     r"""AdaGrad with torch.optim.Adagrad's lr decay and accumulator start (see the module
@@ -76,8 +97,8 @@ class AdaGrad(Optimizer):
         wd_after_update: decoupled/independent decay of the updated weights instead of
             theta_{t-1}.
         maximize: ascend instead of descend.
-        nonfinite: ``"skip"``, ``"raise"`` or ``"ignore"`` (see `optimlab._common.Optimizer`).
-        impl: ``"auto"``, ``"reference"``, ``"foreach"`` or ``"fused"`` (see `optimlab._common`;
+        nonfinite: ``"skip"``, ``"raise"`` or ``"ignore"`` (see `optimlab._optimizer.Optimizer`).
+        impl: ``"auto"``, ``"reference"``, ``"foreach"`` or ``"fused"`` (see `optimlab._optimizer`;
             fused: optimlab's CPU kernel, fp32/fp64).
 
     State per parameter: ``step`` (int) and ``sum`` (s_t): torch.optim's keys.  The state is
@@ -87,6 +108,12 @@ class AdaGrad(Optimizer):
     Example:
         >>> opt = optimlab.AdaGrad(model.parameters(), lr=1e-2, initial_accumulator_value=0.1)
     """
+
+    Hyper = AdaGradHyper
+    fused = _ext.declare(_ext.FusedKernel(
+        name="adagrad", hyper=AdaGradHyper, state=("sum",), scalars=AdaGradStep,
+        dtypes=frozenset({(_F32, _F32, _F32), (_F64, _F64, _F64)})))
+    _kernel = staticmethod(adagrad_update)
 
     def __init__(self, params, lr: float = 1e-2, lr_decay: float = 0.0,
                  weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
@@ -111,30 +138,5 @@ class AdaGrad(Optimizer):
                 "sum": torch.full_like(p, group["initial_accumulator_value"],
                                        memory_format=torch.preserve_format)}
 
-    def _update_param(self, p, grad, state, group) -> None:
-        grad = grad_with_decay(p, grad, group)
-        state["step"] += 1
-        adagrad_update(p, grad, state["sum"], step=state["step"], lr=group["lr"],
-                       lr_decay=group["lr_decay"], eps=group["eps"])
-        decay_after_update(p, group)
-
-    def _foreach_update(self, group, params, states) -> None:
-        grads = foreach_grads_with_decay(params, [p.grad for p in params], group)
-        for state in states:
-            state["step"] += 1
-        adagrad_update_foreach(params, grads, [s["sum"] for s in states],
-                               steps=[s["step"] for s in states], lr=group["lr"],
-                               lr_decay=group["lr_decay"], eps=group["eps"])
-        foreach_decay_after_update(params, group)
-
-    def _fused_update(self, group, params, states) -> str:
-        code = self._fused_cpu_code(params, states, ("sum",))
-        slots = []
-        for p, state in zip(params, states):
-            state["step"] += 1
-            slots += (p.data_ptr(), p.grad.data_ptr(), state["sum"].data_ptr(), p.numel(),
-                      state["step"])
-        wd_l2, pre, post = fused_decay_scalars(group)
-        _ext.call("adagrad", code, slots, 5, (group["lr"], group["lr_decay"], group["eps"],
-                                              wd_l2, pre, post, group["maximize"]))
-        return "fused-cpu"
+    def _step_scalars(self, hp: AdaGradHyper, p, state) -> AdaGradStep:
+        return adagrad_step(hp, state["step"] + 1)

@@ -32,19 +32,65 @@ correction of v (torch.optim's choice).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from . import _ext
-from ._common import (EPS_PLACEMENTS, NoFusedKernel, Optimizer, check_betas, check_choice,
-                      check_range, check_weight_decay, decay_after_update, decay_multiplier,
-                      foreach_decay_after_update, foreach_grads_with_decay, fused_decay_scalars,
-                      grad_with_decay)
+from . import _ext, _gate
+from ._common import (EPS_PLACEMENTS, ShrinkForm, WeightDecay, bias_corrections, check_betas,
+                      check_choice, check_range, check_weight_decay, scalar, signed)
+from ._foreach import maximum_
+from ._optimizer import Optimizer
 
-__all__ = ["Adam", "AdamW", "AMSGrad", "adam_update", "adam_update_foreach", "STATE_DTYPES",
-           "torch_fused_adam_scalars"]
+__all__ = ["Adam", "AdamW", "AMSGrad", "AdamHyper", "AdamStep", "adam_step", "adam_update",
+           "STATE_DTYPES", "torch_fused_adam_scalars"]
 
 # moment storage: None = the parameter's dtype
 STATE_DTYPES = (None, torch.float32, torch.float64, torch.bfloat16)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamHyper:
+    """One group's Adam hyper-parameters for a step, as every kernel takes them (the C
+    struct ``AdamHyper`` has these fields, in this order)."""
+    lr: float                 # alpha
+    beta1: float
+    beta2: float
+    eps: float
+    eps_on_v_hat: bool        # eps_placement == "sqrt_v_hat"
+    correct_bias: bool
+    amsgrad: bool
+    maximize: bool
+    decay: WeightDecay
+
+    @classmethod
+    def of(cls, group: dict, params=None) -> "AdamHyper":
+        beta1, beta2 = group["betas"]
+        return cls(lr=scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=scalar(group["eps"]),
+                   eps_on_v_hat=group["eps_placement"] == "sqrt_v_hat",
+                   correct_bias=group["correct_bias"], amsgrad=group["amsgrad"],
+                   maximize=group["maximize"], decay=WeightDecay.of(group))
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamStep:
+    """What step t makes of the hyper-parameters: theta <- theta - alpha_t m / d with
+    d = sqrt(v) / sqrt_c2 + eps, i.e.
+
+    * eps on sqrt(v_hat): alpha_t = alpha / c1, sqrt_c2 = sqrt(c2) (d = sqrt(v_hat) + eps);
+    * eps on sqrt(v): alpha_t = alpha sqrt(c2) / c1, sqrt_c2 = 1 (the efficient version);
+
+    with the bias corrections c1 = 1 - beta1^t, c2 = 1 - beta2^t (1 without them)."""
+    alpha_t: float
+    sqrt_c2: float
+
+
+def adam_step(hp: AdamHyper, t: int) -> AdamStep:
+    """`AdamStep` of step ``t`` (the only place Adam's bias correction is written)."""
+    c1, c2 = bias_corrections(hp.beta1, hp.beta2, t, hp.correct_bias)
+    if hp.eps_on_v_hat:
+        return AdamStep(alpha_t=hp.lr / c1, sqrt_c2=c2 ** 0.5)
+    return AdamStep(alpha_t=hp.lr * c2 ** 0.5 / c1, sqrt_c2=1.0)
 
 
 def _narrower(state_dtype: torch.dtype, param_dtype: torch.dtype) -> bool:
@@ -54,84 +100,45 @@ def _narrower(state_dtype: torch.dtype, param_dtype: torch.dtype) -> bool:
             and torch.finfo(state_dtype).bits < torch.finfo(param_dtype).bits)
 
 
-def adam_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
-                v_max: torch.Tensor | None, *, step: int, lr: float, beta1: float,
-                beta2: float, eps: float, eps_placement: str, correct_bias: bool) -> None:
-    """One Adam step on one tensor, in place (the reference kernel: readable, per tensor).
+def adam_update(p, g, state: dict, hp: AdamHyper, s: AdamStep) -> None:
+    """One Adam step, in place: the reference kernel (readable, per tensor; run on
+    `optimlab._foreach.TensorList` s it is the multi-tensor kernel too).
 
-    ``g`` already contains any L2 term; ``v_max`` is None unless AMSGrad.  The moments may
-    have another dtype than the parameter.  Moments stored in a narrower dtype (bf16 moments
-    of fp32 weights, ``state_dtype=torch.bfloat16``) are computed in the parameter's dtype
-    and rounded (to nearest even) once, when stored; the step uses the unrounded values.
-    Moments in a wider dtype (fp32 state of bf16 weights) are computed in their own dtype:
-    the gradient is brought to it."""
-    if _narrower(m.dtype, p.dtype):
-        wide = [t.to(p.dtype) for t in (m, v) + ((v_max,) if v_max is not None else ())]
-        adam_update(p, g, wide[0], wide[1], wide[2] if v_max is not None else None, step=step,
-                    lr=lr, beta1=beta1, beta2=beta2, eps=eps, eps_placement=eps_placement,
-                    correct_bias=correct_bias)
-        for narrow, w in zip((m, v, v_max), wide):
-            narrow.copy_(w)
-        return
+    ``state`` holds ``exp_avg`` (m), ``exp_avg_sq`` (v) and, for AMSGrad, ``max_exp_avg_sq``.
+    The moments may have another dtype than the parameter: moments stored in a narrower dtype
+    (bf16 moments of fp32 weights, ``state_dtype=torch.bfloat16``) are computed in the
+    parameter's dtype and rounded (to nearest even) once, when stored, and the step uses the
+    unrounded values; moments in a wider dtype (fp32 state of bf16 weights) are computed in
+    their own dtype: the gradient is brought to it."""
+    g = hp.decay.grad(p, signed(g, hp.maximize))            # g (+ lambda theta for L2)
+    hp.decay.before(p)                                      # decoupled decay of theta_{t-1}
+    stored = [state["exp_avg"], state["exp_avg_sq"]]
+    if hp.amsgrad and "max_exp_avg_sq" in state:
+        stored.append(state["max_exp_avg_sq"])
+    narrow = _narrower(stored[0].dtype, p.dtype)
+    m, v, *v_max = [t.to(p.dtype) for t in stored] if narrow else stored
     g = g.to(m.dtype)
-    m.lerp_(g, 1 - beta1)                                   # m_t
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)           # v_t
-    if v_max is not None:
-        torch.maximum(v_max, v, out=v_max)                  # v^max_t
-        v = v_max
-    bias_correction1 = 1 - beta1 ** step if correct_bias else 1.0
-    bias_correction2 = 1 - beta2 ** step if correct_bias else 1.0
-    if eps_placement == "sqrt_v_hat":                       # alpha * m^ / (sqrt(v^) + eps)
-        denom = (v.sqrt() / bias_correction2 ** 0.5).add_(eps)
-        p.addcdiv_(m, denom, value=-lr / bias_correction1)
-    else:                                                   # alpha_t * m / (sqrt(v) + eps)
-        denom = v.sqrt().add_(eps)
-        p.addcdiv_(m, denom, value=-lr * bias_correction2 ** 0.5 / bias_correction1)
+    m.lerp_(g, 1 - hp.beta1)                                # m_t
+    v.mul_(hp.beta2).addcmul_(g, g, value=1 - hp.beta2)     # v_t
+    if narrow:
+        for t, w in zip(stored, (m, v)):
+            t.copy_(w)
+    if v_max:
+        maximum_(v_max[0], v)                               # v^max_t
+        v = v_max[0]
+        if narrow:
+            stored[2].copy_(v)
+    if hp.eps_on_v_hat:                                     # alpha m^ / (sqrt(v^) + eps)
+        denom = (v.sqrt() / s.sqrt_c2).add_(hp.eps)
+    else:                                                   # alpha_t m / (sqrt(v) + eps)
+        denom = v.sqrt().add_(hp.eps)
+    p.addcdiv_(m, denom, value=-s.alpha_t)                  # theta_t
+    hp.decay.after_update(p)                                # decay of the updated weights
 
 
-def adam_update_foreach(params: list[torch.Tensor], grads: list[torch.Tensor],
-                        ms: list[torch.Tensor], vs: list[torch.Tensor],
-                        v_maxs: list[torch.Tensor] | None, *, steps: list[int], lr: float,
-                        beta1: float, beta2: float, eps: float, eps_placement: str,
-                        correct_bias: bool) -> None:
-    """`adam_update` on lists of tensors that share a device and dtypes, with
-    ``torch._foreach_*`` kernels in the reference's operation order; ``steps`` per tensor."""
-    if _narrower(ms[0].dtype, params[0].dtype):
-        dt = params[0].dtype
-        wide_m, wide_v = [m.to(dt) for m in ms], [v.to(dt) for v in vs]
-        wide_max = [v.to(dt) for v in v_maxs] if v_maxs is not None else None
-        adam_update_foreach(params, grads, wide_m, wide_v, wide_max, steps=steps, lr=lr,
-                            beta1=beta1, beta2=beta2, eps=eps, eps_placement=eps_placement,
-                            correct_bias=correct_bias)
-        torch._foreach_copy_(ms, wide_m)
-        torch._foreach_copy_(vs, wide_v)
-        if v_maxs is not None:
-            torch._foreach_copy_(v_maxs, wide_max)
-        return
-    if grads[0].dtype != ms[0].dtype:
-        grads = [g.to(ms[0].dtype) for g in grads]
-    torch._foreach_lerp_(ms, grads, 1 - beta1)                          # m_t
-    torch._foreach_mul_(vs, beta2)                                      # v_t
-    torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
-    if v_maxs is not None:
-        torch._foreach_maximum_(v_maxs, vs)                             # v^max_t
-        vs = v_maxs
-    bc1 = [1 - beta1 ** t if correct_bias else 1.0 for t in steps]
-    bc2 = [1 - beta2 ** t if correct_bias else 1.0 for t in steps]
-    denom = torch._foreach_sqrt(vs)
-    if eps_placement == "sqrt_v_hat":                                   # alpha m^ / (sqrt(v^) + eps)
-        torch._foreach_div_(denom, [b ** 0.5 for b in bc2])
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(params, ms, denom, [-lr / b for b in bc1])
-    else:                                                               # alpha_t m / (sqrt(v) + eps)
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(params, ms, denom,
-                                [-lr * b2 ** 0.5 / b1 for b1, b2 in zip(bc1, bc2)])
-
-
-def torch_fused_adam_scalars(group: dict, step: int) -> tuple[bool, float, float, float]:
-    """The (adamw, lr', eps', weight_decay') with which torch's fused kernels compute this
-    group's step ``step``, or raise `NoFusedKernel`.
+def torch_fused_adam_scalars(hp: AdamHyper, step: int) -> tuple[bool, float, float, float]:
+    """The (adamw, lr', eps', weight_decay') with which torch's fused kernels compute step
+    ``step`` of ``hp``, or raise ValueError where they cannot.
 
     torch's kernels (``torch._fused_adam_``; ``_fused_adamw_`` first multiplies theta by
     1 - lr' wd') compute, with bias corrections c1 = 1 - beta1^t, c2 = 1 - beta2^t:
@@ -141,46 +148,48 @@ def torch_fused_adam_scalars(group: dict, step: int) -> tuple[bool, float, float
 
     so every variant here maps onto them exactly in real arithmetic:
 
-    * eps on sqrt(v) (``"sqrt_v"``): eps' = eps / sqrt(c2);
+    * eps on sqrt(v): eps' = eps / sqrt(c2);
     * no bias correction: also lr' = lr c1 / sqrt(c2);
     * decay of the updated weights, (1 - f lambda)(theta - s): lr' is multiplied by
       (1 - f lambda) and 1 - lr' wd' = 1 - f lambda, i.e. wd' = f lambda / lr';
     * decoupled/independent decay of theta_{t-1}: wd' = f lambda / lr' (f = the decay
-      multiplier); L2 decay: the Adam kernel with its own weight_decay.
+      factor); L2 decay: the Adam kernel with its own weight_decay.
 
-    In float32 the results differ from the reference kernel by rounding only."""
-    beta1, beta2 = group["betas"]
-    lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-    c1, c2 = 1 - beta1 ** step, 1 - beta2 ** step
-    decoupled = wd != 0 and group["wd_mode"] != "l2"
-    after = decoupled and group["wd_after_update"]
-    f_wd = decay_multiplier(group) * wd if decoupled else 0.0
-    post = 1 - f_wd if after else 1.0
-    if group["correct_bias"]:
-        lr_k = post * lr
-        eps_k = eps if group["eps_placement"] == "sqrt_v_hat" else eps / c2 ** 0.5
+    Where the mapping is the identity (`torch_fused_is_exact`) torch's kernels compute what
+    the reference kernel computes; elsewhere the results differ by float rounding."""
+    d = hp.decay
+    c1, c2 = 1 - hp.beta1 ** step, 1 - hp.beta2 ** step
+    f_wd = d.factor * d.lam
+    post = 1 - f_wd if d.after else 1.0
+    if hp.correct_bias:
+        lr_k = post * hp.lr
+        eps_k = hp.eps if hp.eps_on_v_hat else hp.eps / c2 ** 0.5
     else:
-        lr_k = post * lr * c1 / c2 ** 0.5
-        eps_k = eps / c2 ** 0.5
-    if not decoupled:
-        return False, lr_k, eps_k, (wd if wd != 0 else 0.0)
+        lr_k = post * hp.lr * c1 / c2 ** 0.5
+        eps_k = hp.eps / c2 ** 0.5
+    if d.lam == 0:
+        return False, lr_k, eps_k, d.l2
     if lr_k == 0:
         if f_wd != 0:
-            raise NoFusedKernel("torch's fused kernels cannot decay the weights with lr' = 0")
+            raise ValueError("torch's fused kernels cannot decay the weights with lr' = 0")
         return True, lr_k, eps_k, 0.0
-    if group["wd_mode"] == "decoupled" and not after and lr_k == lr:
-        return True, lr_k, eps_k, wd                 # torch.optim.AdamW itself
+    if not d.after and d.factor == hp.lr and lr_k == hp.lr:
+        return True, lr_k, eps_k, d.lam               # torch.optim.AdamW itself
     return True, lr_k, eps_k, f_wd / lr_k
 
 
-def torch_fused_is_exact(group: dict) -> bool:
-    """True when `torch_fused_adam_scalars` hands torch's fused kernels this group's own lr, eps
-    and weight decay (torch.optim's Adam/AdamW semantics), so they compute what the reference
+def torch_fused_is_exact(hp: AdamHyper) -> bool:
+    """True when `torch_fused_adam_scalars` hands torch's fused kernels this group's own lr,
+    eps and weight decay (torch.optim's Adam/AdamW semantics: bias correction, eps on
+    sqrt(v_hat), decay of theta_{t-1} by lr * lambda), so they compute what the reference
     kernel computes; ``impl="auto"`` uses torch's kernels only then."""
-    decoupled = group["weight_decay"] != 0 and group["wd_mode"] != "l2"
-    return group["correct_bias"] and group["eps_placement"] == "sqrt_v_hat" and (
-        not decoupled or (group["wd_mode"] == "decoupled" and not group["wd_after_update"]))
+    d = hp.decay
+    return hp.correct_bias and hp.eps_on_v_hat and (
+        d.lam == 0 or (not d.after and d.factor == hp.lr
+                       and d.form == ShrinkForm.MULTIPLY))
 
+
+_F32, _BF16, _F64 = torch.float32, torch.bfloat16, torch.float64
 
 class Adam(Optimizer):
     r"""Adam with every published choice named (see the module docstring for the math).
@@ -201,21 +210,28 @@ class Adam(Optimizer):
             ``torch.bfloat16`` (half the state memory: 4 bytes per parameter instead of 8;
             the moments are computed in the parameter's dtype and rounded to nearest even
             when stored), ``torch.float32`` or ``torch.float64``.
-        nonfinite: ``"skip"``, ``"raise"`` or ``"ignore"`` (see `optimlab._common.Optimizer`).
-        impl: ``"auto"``, ``"reference"``, ``"foreach"`` or ``"fused"`` (see `optimlab._common`).
+        nonfinite: ``"skip"``, ``"raise"`` or ``"ignore"`` (see `optimlab._optimizer.Optimizer`).
+        impl: ``"auto"``, ``"reference"``, ``"foreach"`` or ``"fused"`` (see `optimlab._optimizer`).
 
     State per parameter: ``step`` (int), ``exp_avg`` (m), ``exp_avg_sq`` (v) and, with
     amsgrad, ``max_exp_avg_sq``: the keys torch.optim uses.
 
-    Fast paths: on CPU optimlab's fused kernel (fp32 or fp64 weights; bf16 moments of fp32
-    weights) reads p, g, m, v and writes p, m, v once per step; elsewhere, and where that
-    kernel is not built, torch's ``_fused_adam_``/``_fused_adamw_`` with the scalars of
-    `torch_fused_adam_scalars` (state in the parameter's dtype, fp32/fp64), else the
-    multi-tensor `adam_update_foreach`.
+    Fast paths: on CPU optimlab's fused kernel (fp32 or fp64 weights and gradients; bf16
+    moments of fp32 weights) reads p, g, m, v and writes p, m, v once per step; elsewhere, and
+    where that kernel is not built, torch's ``_fused_adam_``/``_fused_adamw_`` with the
+    scalars of `torch_fused_adam_scalars` (state in the parameter's dtype, fp32/fp64), else
+    `adam_update` on TensorLists (multi-tensor).
 
     Example:
         >>> opt = optimlab.Adam(model.parameters(), lr=1e-3, weight_decay=1e-2, wd_mode="l2")
     """
+
+    Hyper = AdamHyper
+    fused = _ext.declare(_ext.FusedKernel(
+        name="adam", hyper=AdamHyper, state=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+        scalars=AdamStep,
+        dtypes=frozenset({(_F32, _F32, _F32), (_F32, _F32, _BF16), (_F64, _F64, _F64)})))
+    _kernel = staticmethod(adam_update)
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, wd_mode: str = "l2", amsgrad: bool = False,
@@ -247,94 +263,47 @@ class Adam(Optimizer):
             state["max_exp_avg_sq"] = torch.zeros_like(p, **kw)
         return state
 
-    def _update_param(self, p, grad, state, group) -> None:
-        grad = grad_with_decay(p, grad, group)
-        state["step"] += 1
-        beta1, beta2 = group["betas"]
-        adam_update(p, grad, state["exp_avg"], state["exp_avg_sq"],
-                    state.get("max_exp_avg_sq") if group["amsgrad"] else None,
-                    step=state["step"], lr=group["lr"], beta1=beta1, beta2=beta2,
-                    eps=group["eps"], eps_placement=group["eps_placement"],
-                    correct_bias=group["correct_bias"])
-        decay_after_update(p, group)
+    def _step_scalars(self, hp: AdamHyper, p, state) -> AdamStep:
+        return adam_step(hp, state["step"] + 1)
 
-    def _foreach_update(self, group, params, states) -> None:
-        amsgrad = group["amsgrad"] and "max_exp_avg_sq" in states[0]
-        grads = foreach_grads_with_decay(params, [p.grad for p in params], group)
-        for state in states:
-            state["step"] += 1
-        beta1, beta2 = group["betas"]
-        adam_update_foreach(params, grads, [s["exp_avg"] for s in states],
-                            [s["exp_avg_sq"] for s in states],
-                            [s["max_exp_avg_sq"] for s in states] if amsgrad else None,
-                            steps=[s["step"] for s in states], lr=group["lr"], beta1=beta1,
-                            beta2=beta2, eps=group["eps"], eps_placement=group["eps_placement"],
-                            correct_bias=group["correct_bias"])
-        foreach_decay_after_update(params, group)
+    def _other_refusal(self, key, hp: AdamHyper, states, reason: str) -> str | None:
+        """torch's ``_fused_adam_``/``_fused_adamw_`` (CPU, CUDA) take what optimlab's CPU
+        kernel did not, with the scalars of `torch_fused_adam_scalars`; ``impl="auto"`` uses
+        them only where those are torch's own (exact)."""
+        if self.impl == "auto" and not torch_fused_is_exact(hp):
+            return (f"{reason}; torch's fused kernels compute this variant with transformed "
+                    "scalars (equal up to float rounding, not bit for bit): impl='fused' uses "
+                    "them, impl='auto' does not")
+        keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if hp.amsgrad else ())
+        refusal = _gate.torch_fused_refusal(key, keys)
+        if refusal is not None:
+            return f"{reason}; {refusal}"
+        try:
+            for step in {state["step"] + 1 for state in states}:
+                torch_fused_adam_scalars(hp, step)
+        except ValueError as e:
+            return f"{reason}; {e}"
+        return None
 
-    def _fused_update(self, group, params, states) -> str:
-        amsgrad = group["amsgrad"] and "max_exp_avg_sq" in states[0]
-        keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
-        p0, st0 = params[0], states[0]
-        sdt = st0["exp_avg"].dtype
-        code = {(torch.float32, torch.float32): 0, (torch.float32, torch.bfloat16): 1,
-                (torch.float64, torch.float64): 2}.get((p0.dtype, sdt))
-        same = all(st0[k].dtype == sdt for k in keys)
-        if p0.device.type == "cpu" and code is not None and same and _ext.available() and \
-                self._same_layout(params, states, keys):
-            for state in states:
-                state["step"] += 1
-            slots = []
-            for p, st in zip(params, states):
-                slots += (p.data_ptr(), p.grad.data_ptr(), st["exp_avg"].data_ptr(),
-                          st["exp_avg_sq"].data_ptr(),
-                          st["max_exp_avg_sq"].data_ptr() if amsgrad else 0,
-                          p.numel(), st["step"])
-            beta1, beta2 = group["betas"]
-            wd_l2, pre, post = fused_decay_scalars(group)
-            _ext.call("adam", code, slots, 7,
-                      (group["lr"], beta1, beta2, group["eps"], wd_l2, pre, post,
-                       group["maximize"], amsgrad, group["eps_placement"] == "sqrt_v_hat",
-                       group["correct_bias"]))
-            return "fused-cpu"
-        if self.impl == "auto" and not torch_fused_is_exact(group):
-            raise NoFusedKernel("torch's fused kernels compute this variant with transformed "
-                                "scalars (equal up to float rounding, not bit for bit): "
-                                "impl='fused' uses them, impl='auto' does not")
-        return self._torch_fused_update(group, params, states, keys, amsgrad)
-
-    def _torch_fused_update(self, group, params, states, keys, amsgrad) -> str:
-        p0 = params[0]
-        if p0.dtype not in (torch.float32, torch.float64) or \
-                any(states[0][k].dtype != p0.dtype for k in keys):
-            raise NoFusedKernel(
-                f"no fused kernel for {p0.dtype} weights with {states[0]['exp_avg'].dtype} "
-                "moments here (optimlab's CPU kernels: fp32/fp64 weights, bf16 moments of "
-                f"fp32 weights; available: {_ext.available()}; torch's fused kernels: moments "
-                "in the weights' fp32/fp64 dtype)")
-        if p0.device.type not in ("cpu", "cuda"):
-            raise NoFusedKernel(f"no fused kernel on {p0.device.type}")
-        if not self._same_layout(params, states, keys):
-            raise NoFusedKernel("torch's fused kernels need the gradients and moments laid out "
-                                "as their parameters (dense, equal strides)")
+    def _run_other(self, key, hp: AdamHyper, params, states, scalars) -> None:
+        amsgrad = hp.amsgrad and "max_exp_avg_sq" in states[0]
         by_step: dict[int, list[int]] = {}
         for i, state in enumerate(states):
             by_step.setdefault(state["step"] + 1, []).append(i)
-        plans = [(step, idx, torch_fused_adam_scalars(group, step))   # may raise: nothing
-                 for step, idx in by_step.items()]                  # has changed yet
-        for state in states:
-            state["step"] += 1
-        beta1, beta2 = group["betas"]
-        for step, idx, (adamw, lr_k, eps_k, wd_k) in plans:
+        device = params[0].device
+        for step, idx in by_step.items():
+            adamw, lr_k, eps_k, wd_k = torch_fused_adam_scalars(hp, step)
             fn = torch._fused_adamw_ if adamw else torch._fused_adam_
-            step_t = torch.tensor(float(step), dtype=torch.float32, device=p0.device)
+            step_t = torch.tensor(float(step), dtype=torch.float32, device=device)
             fn([params[i] for i in idx], [params[i].grad for i in idx],
                [states[i]["exp_avg"] for i in idx], [states[i]["exp_avg_sq"] for i in idx],
                [states[i]["max_exp_avg_sq"] for i in idx] if amsgrad else [],
-               [step_t] * len(idx), amsgrad=amsgrad, lr=lr_k, beta1=beta1, beta2=beta2,
-               weight_decay=wd_k, eps=eps_k, maximize=group["maximize"], grad_scale=None,
+               [step_t] * len(idx), amsgrad=amsgrad, lr=lr_k, beta1=hp.beta1, beta2=hp.beta2,
+               weight_decay=wd_k, eps=eps_k, maximize=hp.maximize, grad_scale=None,
                found_inf=None)
-        return "torch-fused"
+        for state in states:
+            state["step"] += 1
+        self._used.add("torch-fused")
 
 
 class AdamW(Adam):

@@ -49,15 +49,55 @@ Reference:
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from . import _ext
-from ._common import (EPS_PLACEMENTS, Optimizer, check_betas, check_choice,
-                      check_range, check_weight_decay, decay_after_update,
-                      foreach_decay_after_update, foreach_grads_with_decay, fused_decay_scalars,
-                      grad_with_decay)
+from ._common import (EPS_PLACEMENTS, WeightDecay, bias_corrections, check_betas, check_choice,
+                      check_range, check_weight_decay, scalar, signed)
+from ._optimizer import Optimizer
 
-__all__ = ["RAdam", "radam_update", "radam_update_foreach", "radam_rho"]
+__all__ = ["RAdam", "RAdamHyper", "RAdamStep", "radam_step", "radam_update", "radam_rho"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RAdamHyper:
+    """One group's RAdam hyper-parameters for a step (the C struct ``RAdamHyper``)."""
+    lr: float                 # alpha_t
+    beta1: float
+    beta2: float
+    eps: float
+    eps_on_v_hat: bool        # eps_placement == "sqrt_v_hat"
+    rho_threshold: float
+    degenerate_to_sgd: bool
+    maximize: bool
+    decay: WeightDecay
+
+    @classmethod
+    def of(cls, group: dict, params=None) -> "RAdamHyper":
+        beta1, beta2 = group["betas"]
+        return cls(lr=scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=scalar(group["eps"]),
+                   eps_on_v_hat=group["eps_placement"] == "sqrt_v_hat",
+                   rho_threshold=scalar(group["rho_threshold"]),
+                   degenerate_to_sgd=group["degenerate_to_sgd"], maximize=group["maximize"],
+                   decay=WeightDecay.of(group))
+
+
+# which update step t takes (RAdamStep.branch)
+MOMENTS_ONLY, UNADAPTED, RECTIFIED = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class RAdamStep:
+    """What step t makes of the hyper-parameters: ``branch`` (RECTIFIED when rho_t >
+    rho_threshold, else UNADAPTED with degenerate_to_sgd, else MOMENTS_ONLY), the bias
+    corrections c1 = 1 - beta1^t and sqrt(c2) = sqrt(1 - beta2^t), and the rectification
+    term r_t (0 outside the rectified branch)."""
+    branch: int
+    c1: float
+    sqrt_c2: float
+    r_t: float
 
 
 def radam_rho(step: int, beta2: float) -> tuple[float, float]:
@@ -67,73 +107,43 @@ def radam_rho(step: int, beta2: float) -> tuple[float, float]:
     return rho_inf, rho_t
 
 
-def radam_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *,
-                 step: int, lr: float, beta1: float, beta2: float, eps: float,
-                 eps_placement: str, rho_threshold: float, degenerate_to_sgd: bool) -> None:
-    """One RAdam step on one tensor, in place, in torch.optim's single-tensor operation order
-    (bit-identical to it for ``eps_placement="sqrt_v"``, ``rho_threshold=5``,
-    ``degenerate_to_sgd=True``).  ``g`` already contains any L2 term.  The moments are
-    computed in the state's dtype (fp32 state of bf16 parameters stays fp32)."""
-    g = g.to(m.dtype)                                           # no-op when dtypes agree
-    m.lerp_(g, 1 - beta1)                                       # m_t
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)               # v_t
-    bias_correction1 = 1 - beta1 ** step
-    bias_correction2 = 1 - beta2 ** step
-    m_hat = m / bias_correction1                                # m^_t
-    rho_inf, rho_t = radam_rho(step, beta2)
-    if rho_t > rho_threshold:
+def radam_step(hp: RAdamHyper, t: int) -> RAdamStep:
+    """`RAdamStep` of step ``t`` (the only place the rectification is written)."""
+    c1, c2 = bias_corrections(hp.beta1, hp.beta2, t)
+    rho_inf, rho_t = radam_rho(t, hp.beta2)
+    if rho_t > hp.rho_threshold:
         r_t = ((rho_t - 4) * (rho_t - 2) * rho_inf
                / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
-        if eps_placement == "sqrt_v":                           # sqrt(1-beta2^t) / (sqrt(v)+eps)
-            l_t = bias_correction2 ** 0.5 / v.sqrt().add_(eps)
-        else:                                                   # 1 / (sqrt(v^) + eps)
-            l_t = (v.sqrt() / bias_correction2 ** 0.5).add_(eps).reciprocal_()
-        p.add_(m_hat * lr * l_t * r_t, alpha=-1.0)              # theta -= alpha r m^ l
-    elif degenerate_to_sgd:
-        p.add_(m_hat * lr, alpha=-1.0)                          # theta -= alpha m^
+        return RAdamStep(branch=RECTIFIED, c1=c1, sqrt_c2=c2 ** 0.5, r_t=r_t)
+    return RAdamStep(branch=UNADAPTED if hp.degenerate_to_sgd else MOMENTS_ONLY, c1=c1,
+                     sqrt_c2=c2 ** 0.5, r_t=0.0)
 
 
-def radam_update_foreach(params: list[torch.Tensor], grads: list[torch.Tensor],
-                         ms: list[torch.Tensor], vs: list[torch.Tensor], *, steps: list[int],
-                         lr: float, beta1: float, beta2: float, eps: float, eps_placement: str,
-                         rho_threshold: float, degenerate_to_sgd: bool) -> None:
-    """`radam_update` on lists of tensors that share a device and dtypes; each tensor takes
-    the branch its own step selects."""
-    if grads[0].dtype != ms[0].dtype:
-        grads = [g.to(ms[0].dtype) for g in grads]
-    torch._foreach_lerp_(ms, grads, 1 - beta1)                                 # m_t
-    torch._foreach_mul_(vs, beta2)                                             # v_t
-    torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
-    bc1 = [1 - beta1 ** t for t in steps]
-    bc2 = [1 - beta2 ** t for t in steps]
-    m_hat = torch._foreach_div(ms, bc1)                                        # m^_t
-    rect, plain, r_t = [], [], []
-    for i, t in enumerate(steps):
-        rho_inf, rho_t = radam_rho(t, beta2)
-        if rho_t > rho_threshold:
-            rect.append(i)
-            r_t.append(((rho_t - 4) * (rho_t - 2) * rho_inf
-                        / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5)
-        elif degenerate_to_sgd:
-            plain.append(i)
-    if rect:
-        l_t = torch._foreach_sqrt([vs[i] for i in rect])
-        if eps_placement == "sqrt_v":                   # sqrt(1-beta2^t) / (sqrt(v)+eps)
-            torch._foreach_add_(l_t, eps)
-            torch._foreach_reciprocal_(l_t)
-            torch._foreach_mul_(l_t, [bc2[i] ** 0.5 for i in rect])
-        else:                                           # 1 / (sqrt(v^) + eps)
-            torch._foreach_div_(l_t, [bc2[i] ** 0.5 for i in rect])
-            torch._foreach_add_(l_t, eps)
-            torch._foreach_reciprocal_(l_t)
-        step = torch._foreach_mul([m_hat[i] for i in rect], lr)
-        torch._foreach_mul_(step, l_t)
-        torch._foreach_mul_(step, r_t)
-        torch._foreach_add_([params[i] for i in rect], step, alpha=-1.0)       # theta -= a r m^ l
-    if plain:
-        step = torch._foreach_mul([m_hat[i] for i in plain], lr)
-        torch._foreach_add_([params[i] for i in plain], step, alpha=-1.0)      # theta -= a m^
+def radam_update(p, g, state: dict, hp: RAdamHyper, s: RAdamStep) -> None:
+    """One RAdam step, in place, in torch.optim's single-tensor operation order (bit-identical
+    to it for ``eps_placement="sqrt_v"``, ``rho_threshold=5``, ``degenerate_to_sgd=True``):
+    the reference kernel (on `optimlab._foreach.TensorList` s, the multi-tensor one).
+    ``state`` holds ``exp_avg`` (m) and ``exp_avg_sq`` (v); the moments are computed in the
+    state's dtype (fp32 state of bf16 parameters stays fp32)."""
+    g = hp.decay.grad(p, signed(g, hp.maximize))            # g (+ lambda theta for L2)
+    hp.decay.before(p)                                      # decoupled decay of theta_{t-1}
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    g = g.to(m.dtype)                                       # no-op when dtypes agree
+    m.lerp_(g, 1 - hp.beta1)                                # m_t
+    v.mul_(hp.beta2).addcmul_(g, g, value=1 - hp.beta2)     # v_t
+    m_hat = m / s.c1                                        # m^_t
+    if s.branch == RECTIFIED:
+        if hp.eps_on_v_hat:                                 # 1 / (sqrt(v^) + eps)
+            l_t = (v.sqrt() / s.sqrt_c2).add_(hp.eps).reciprocal_()
+        else:                                               # sqrt(1-beta2^t) / (sqrt(v)+eps)
+            l_t = s.sqrt_c2 / v.sqrt().add_(hp.eps)
+        p.add_(m_hat * hp.lr * l_t * s.r_t, alpha=-1.0)     # theta -= alpha r m^ l
+    elif s.branch == UNADAPTED:
+        p.add_(m_hat * hp.lr, alpha=-1.0)                   # theta -= alpha m^
+    hp.decay.after_update(p)                                # decay of the updated weights
 
+
+_F32, _F64 = torch.float32, torch.float64
 
 class RAdam(Optimizer):
     r"""Rectified Adam (see the module docstring for the math, the thresholds and eps
@@ -156,8 +166,8 @@ class RAdam(Optimizer):
         eps_placement: ``"sqrt_v"`` (default, torch and the authors' code) or
             ``"sqrt_v_hat"``.
         maximize: ascend instead of descend.
-        nonfinite: ``"skip"``, ``"raise"`` or ``"ignore"`` (see `optimlab._common.Optimizer`).
-        impl: ``"auto"``, ``"reference"``, ``"foreach"`` or ``"fused"`` (see `optimlab._common`;
+        nonfinite: ``"skip"``, ``"raise"`` or ``"ignore"`` (see `optimlab._optimizer.Optimizer`).
+        impl: ``"auto"``, ``"reference"``, ``"foreach"`` or ``"fused"`` (see `optimlab._optimizer`;
             fused: optimlab's CPU kernel, fp32/fp64).
 
     State per parameter (torch.optim's keys): ``step`` (int), ``exp_avg`` (m), ``exp_avg_sq`` (v).
@@ -166,6 +176,12 @@ class RAdam(Optimizer):
         >>> opt = optimlab.RAdam(model.parameters(), lr=1e-3, weight_decay=1e-2,
         ...                      wd_mode="decoupled")
     """
+
+    Hyper = RAdamHyper
+    fused = _ext.declare(_ext.FusedKernel(
+        name="radam", hyper=RAdamHyper, state=("exp_avg", "exp_avg_sq"), scalars=RAdamStep,
+        dtypes=frozenset({(_F32, _F32, _F32), (_F64, _F64, _F64)})))
+    _kernel = staticmethod(radam_update)
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, wd_mode: str = "l2",
@@ -192,41 +208,5 @@ class RAdam(Optimizer):
                 "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
-    def _update_param(self, p, grad, state, group) -> None:
-        grad = grad_with_decay(p, grad, group)
-        state["step"] += 1
-        beta1, beta2 = group["betas"]
-        radam_update(p, grad, state["exp_avg"], state["exp_avg_sq"], step=state["step"],
-                     lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                     eps_placement=group["eps_placement"],
-                     rho_threshold=group["rho_threshold"],
-                     degenerate_to_sgd=group["degenerate_to_sgd"])
-        decay_after_update(p, group)
-
-    def _foreach_update(self, group, params, states) -> None:
-        grads = foreach_grads_with_decay(params, [p.grad for p in params], group)
-        for state in states:
-            state["step"] += 1
-        beta1, beta2 = group["betas"]
-        radam_update_foreach(params, grads, [s["exp_avg"] for s in states],
-                             [s["exp_avg_sq"] for s in states],
-                             steps=[s["step"] for s in states], lr=group["lr"], beta1=beta1,
-                             beta2=beta2, eps=group["eps"], eps_placement=group["eps_placement"],
-                             rho_threshold=group["rho_threshold"],
-                             degenerate_to_sgd=group["degenerate_to_sgd"])
-        foreach_decay_after_update(params, group)
-
-    def _fused_update(self, group, params, states) -> str:
-        code = self._fused_cpu_code(params, states, ("exp_avg", "exp_avg_sq"))
-        slots = []
-        for p, state in zip(params, states):
-            state["step"] += 1
-            slots += (p.data_ptr(), p.grad.data_ptr(), state["exp_avg"].data_ptr(),
-                      state["exp_avg_sq"].data_ptr(), p.numel(), state["step"])
-        beta1, beta2 = group["betas"]
-        wd_l2, pre, post = fused_decay_scalars(group)
-        _ext.call("radam", code, slots, 6,
-                  (group["lr"], beta1, beta2, group["eps"], group["eps_placement"] == "sqrt_v_hat",
-                   group["rho_threshold"], group["degenerate_to_sgd"], wd_l2, pre, post,
-                   group["maximize"]))
-        return "fused-cpu"
+    def _step_scalars(self, hp: RAdamHyper, p, state) -> RAdamStep:
+        return radam_step(hp, state["step"] + 1)

@@ -37,61 +37,72 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from . import _ext
-from ._common import (Optimizer, check_range, check_weight_decay,
-                      decay_after_update, foreach_decay_after_update, foreach_grads_with_decay,
-                      fused_decay_scalars, grad_with_decay)
+from ._common import WeightDecay, check_range, check_weight_decay, scalar, signed
+from ._optimizer import Optimizer
 
-__all__ = ["RMSProp", "rmsprop_update", "rmsprop_update_foreach"]
+__all__ = ["RMSProp", "RMSPropHyper", "RMSPropStep", "rmsprop_update"]
 
 
-def rmsprop_update(p: torch.Tensor, g: torch.Tensor, square_avg: torch.Tensor,
-                   grad_avg: torch.Tensor | None, buf: torch.Tensor | None, *, lr: float,
-                   alpha: float, eps: float, momentum: float) -> None:
-    """One RMSProp step on one tensor, in place, in torch.optim's single-tensor operation
-    order.  ``g`` already contains any L2 term (and the sign flip of ``maximize``);
-    ``grad_avg`` is None unless centered, ``buf`` None unless momentum > 0.  The averages
-    are computed in the state's dtype (fp32 state of bf16 parameters stays fp32)."""
-    g = g.to(square_avg.dtype)                                  # no-op when dtypes agree
-    square_avg.mul_(alpha).addcmul_(g, g, value=1 - alpha)     # v_t
-    if grad_avg is not None:
-        grad_avg.lerp_(g, 1 - alpha)                            # a_t
+@dataclasses.dataclass(frozen=True)
+class RMSPropHyper:
+    """One group's RMSProp hyper-parameters for a step (the C struct ``RMSPropHyper``)."""
+    lr: float                 # eta
+    alpha: float
+    eps: float
+    momentum: float           # mu
+    centered: bool
+    maximize: bool
+    decay: WeightDecay
+
+    @classmethod
+    def of(cls, group: dict, params=None) -> "RMSPropHyper":
+        return cls(lr=scalar(group["lr"]), alpha=scalar(group["alpha"]),
+                   eps=scalar(group["eps"]), momentum=scalar(group["momentum"]),
+                   centered=group["centered"], maximize=group["maximize"],
+                   decay=WeightDecay.of(group))
+
+
+@dataclasses.dataclass(frozen=True)
+class RMSPropStep:
+    """RMSProp's step does not depend on t: no per-tensor scalars."""
+
+
+_NO_SCALARS = RMSPropStep()
+
+
+def rmsprop_update(p, g, state: dict, hp: RMSPropHyper, s: RMSPropStep) -> None:
+    """One RMSProp step, in place, in torch.optim's single-tensor operation order: the
+    reference kernel (on `optimlab._foreach.TensorList` s, the multi-tensor one).  ``state``
+    holds ``square_avg`` (v_t), ``grad_avg`` (a_t) when centered and ``momentum_buffer``
+    (b_t) when momentum > 0.  The averages are computed in the state's dtype (fp32 state of
+    bf16 parameters stays fp32)."""
+    g = hp.decay.grad(p, signed(g, hp.maximize))            # g (+ lambda theta for L2)
+    hp.decay.before(p)                                      # decoupled decay of theta_{t-1}
+    square_avg = state["square_avg"]
+    g = g.to(square_avg.dtype)                              # no-op when dtypes agree
+    square_avg.mul_(hp.alpha).addcmul_(g, g, value=1 - hp.alpha)    # v_t
+    if hp.centered:
+        grad_avg = state["grad_avg"]
+        grad_avg.lerp_(g, 1 - hp.alpha)                             # a_t
         avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()   # sqrt(v_t - a_t^2)
     else:
-        avg = square_avg.sqrt()                                 # sqrt(v_t)
-    avg = avg.add_(eps)                                         # d_t
-    if buf is not None:
-        buf.mul_(momentum).addcdiv_(g, avg)                     # b_t = mu b_{t-1} + g_t / d_t
-        p.add_(buf, alpha=-lr)
+        avg = square_avg.sqrt()                                     # sqrt(v_t)
+    avg = avg.add_(hp.eps)                                          # d_t
+    if hp.momentum > 0:
+        buf = state["momentum_buffer"]
+        buf.mul_(hp.momentum).addcdiv_(g, avg)              # b_t = mu b_{t-1} + g_t / d_t
+        p.add_(buf, alpha=-hp.lr)
     else:
-        p.addcdiv_(g, avg, value=-lr)
+        p.addcdiv_(g, avg, value=-hp.lr)
+    hp.decay.after_update(p)                                # decay of the updated weights
 
 
-def rmsprop_update_foreach(params: list[torch.Tensor], grads: list[torch.Tensor],
-                           square_avgs: list[torch.Tensor], grad_avgs: list[torch.Tensor] | None,
-                           bufs: list[torch.Tensor] | None, *, lr: float, alpha: float,
-                           eps: float, momentum: float) -> None:
-    """`rmsprop_update` on lists of tensors that share a device and dtypes."""
-    if grads[0].dtype != square_avgs[0].dtype:
-        grads = [g.to(square_avgs[0].dtype) for g in grads]
-    torch._foreach_mul_(square_avgs, alpha)                                    # v_t
-    torch._foreach_addcmul_(square_avgs, grads, grads, value=1 - alpha)
-    if grad_avgs is not None:
-        torch._foreach_lerp_(grad_avgs, grads, 1 - alpha)                      # a_t
-        avg = torch._foreach_addcmul(square_avgs, grad_avgs, grad_avgs, value=-1)
-        torch._foreach_sqrt_(avg)
-    else:
-        avg = torch._foreach_sqrt(square_avgs)
-    torch._foreach_add_(avg, eps)                                              # d_t
-    if bufs is not None:
-        torch._foreach_mul_(bufs, momentum)
-        torch._foreach_addcdiv_(bufs, grads, avg)
-        torch._foreach_add_(params, bufs, alpha=-lr)
-    else:
-        torch._foreach_addcdiv_(params, grads, avg, value=-lr)
-
+_F32, _F64 = torch.float32, torch.float64
 
 class RMSProp(Optimizer):
     r"""RMSProp, optionally centered and with momentum (see the module docstring for the math
@@ -110,8 +121,8 @@ class RMSProp(Optimizer):
         wd_after_update: decoupled/independent decay of the updated weights instead of
             theta_{t-1}.
         maximize: ascend instead of descend.
-        nonfinite: ``"skip"``, ``"raise"`` or ``"ignore"`` (see `optimlab._common.Optimizer`).
-        impl: ``"auto"``, ``"reference"``, ``"foreach"`` or ``"fused"`` (see `optimlab._common`;
+        nonfinite: ``"skip"``, ``"raise"`` or ``"ignore"`` (see `optimlab._optimizer.Optimizer`).
+        impl: ``"auto"``, ``"reference"``, ``"foreach"`` or ``"fused"`` (see `optimlab._optimizer`;
             fused: optimlab's CPU kernel, fp32/fp64).
 
     State per parameter (torch.optim's keys): ``step`` (int), ``square_avg`` (v_t),
@@ -121,6 +132,12 @@ class RMSProp(Optimizer):
         >>> opt = optimlab.RMSProp(model.parameters(), lr=1e-3, alpha=0.95, momentum=0.9,
         ...                        centered=True)
     """
+
+    Hyper = RMSPropHyper
+    fused = _ext.declare(_ext.FusedKernel(
+        name="rmsprop", hyper=RMSPropHyper, state=("square_avg", "grad_avg", "momentum_buffer"),
+        scalars=RMSPropStep, dtypes=frozenset({(_F32, _F32, _F32), (_F64, _F64, _F64)})))
+    _kernel = staticmethod(rmsprop_update)
 
     def __init__(self, params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False, *,
@@ -148,40 +165,8 @@ class RMSProp(Optimizer):
             state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _update_param(self, p, grad, state, group) -> None:
-        grad = grad_with_decay(p, grad, group)
-        state["step"] += 1
-        rmsprop_update(p, grad, state["square_avg"],
-                       state["grad_avg"] if group["centered"] else None,
-                       state["momentum_buffer"] if group["momentum"] > 0 else None,
-                       lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
-                       momentum=group["momentum"])
-        decay_after_update(p, group)
+    def _scalars_key(self, p, state):
+        return None
 
-    def _foreach_update(self, group, params, states) -> None:
-        grads = foreach_grads_with_decay(params, [p.grad for p in params], group)
-        for state in states:
-            state["step"] += 1
-        rmsprop_update_foreach(
-            params, grads, [s["square_avg"] for s in states],
-            [s["grad_avg"] for s in states] if group["centered"] else None,
-            [s["momentum_buffer"] for s in states] if group["momentum"] > 0 else None,
-            lr=group["lr"], alpha=group["alpha"], eps=group["eps"], momentum=group["momentum"])
-        foreach_decay_after_update(params, group)
-
-    def _fused_update(self, group, params, states) -> str:
-        keys = ("square_avg",) + (("grad_avg",) if group["centered"] else ()) + \
-            (("momentum_buffer",) if group["momentum"] > 0 else ())
-        code = self._fused_cpu_code(params, states, keys)
-        slots = []
-        for p, state in zip(params, states):
-            state["step"] += 1
-            slots += (p.data_ptr(), p.grad.data_ptr(), state["square_avg"].data_ptr(),
-                      state["grad_avg"].data_ptr() if group["centered"] else 0,
-                      state["momentum_buffer"].data_ptr() if group["momentum"] > 0 else 0,
-                      p.numel())
-        wd_l2, pre, post = fused_decay_scalars(group)
-        _ext.call("rmsprop", code, slots, 6, (group["lr"], group["alpha"], group["eps"],
-                                              group["momentum"], group["centered"], wd_l2, pre,
-                                              post, group["maximize"]))
-        return "fused-cpu"
+    def _step_scalars(self, hp: RMSPropHyper, p, state) -> RMSPropStep:
+        return _NO_SCALARS

@@ -48,7 +48,7 @@ Choices and departures, named:
 * A state dict cannot be taken between ``first_step`` and ``second_step`` (the model is at
   w + e(w) then): that raises RuntimeError.  ``restore()`` undoes a ``first_step``.
 
-Non-finite gradients follow optimlab's ``nonfinite`` policy (see `optimlab._common.Optimizer`):
+Non-finite gradients follow optimlab's ``nonfinite`` policy (see `optimlab._optimizer.Optimizer`):
 with ``"skip"`` (default), an inf/NaN first-pass gradient norm skips the update before anything
 moves, and an inf/NaN second-pass gradient restores w and skips the base step; each issues a
 RuntimeWarning and counts in ``skipped_steps``; ``"raise"`` raises FloatingPointError (after
@@ -97,7 +97,8 @@ from typing import Any
 
 import torch
 
-from ._common import NONFINITE_POLICIES, Optimizer as _OptimlabOptimizer
+from ._common import NONFINITE_POLICIES
+from ._optimizer import Optimizer as _OptimlabOptimizer
 from ._common import all_finite, check_choice, check_range, report_nonfinite
 
 __all__ = ["SAM", "accumulate_and_step", "sam_grad_norm", "sam_perturbation",

@@ -45,51 +45,59 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from . import _ext
-from ._common import (NoFusedKernel, Optimizer, check_range, check_weight_decay,
-                      decay_after_update, foreach_decay_after_update, foreach_grads_with_decay,
-                      fused_decay_scalars, grad_with_decay)
+from ._common import WeightDecay, check_range, check_weight_decay, scalar, signed
+from ._optimizer import Optimizer
 
-__all__ = ["SGD", "sgd_update", "sgd_update_foreach"]
+__all__ = ["SGD", "SGDHyper", "SGDStep", "sgd_update"]
 
 
-def sgd_update(p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | None, *, lr: float,
-               momentum: float, dampening: float, nesterov: bool, first_step: bool) -> None:
-    """One SGD step on one tensor, in place, in torch.optim's single-tensor operation order.
+@dataclasses.dataclass(frozen=True)
+class SGDHyper:
+    """One group's SGD hyper-parameters for a step (the C struct ``SGDHyper``)."""
+    lr: float                 # eta_t
+    momentum: float           # mu
+    dampening: float          # tau
+    nesterov: bool
+    maximize: bool
+    decay: WeightDecay
 
-    ``g`` already contains any L2 term (and the sign flip of ``maximize``); ``buf`` is the
-    momentum buffer, None when momentum is 0.  On the buffer's first step it is set to g."""
-    if buf is not None:
-        if first_step:
-            buf.copy_(g)                                        # b_1 = g_1
+    @classmethod
+    def of(cls, group: dict, params=None) -> "SGDHyper":
+        return cls(lr=scalar(group["lr"]), momentum=scalar(group["momentum"]),
+                   dampening=scalar(group["dampening"]), nesterov=group["nesterov"],
+                   maximize=group["maximize"], decay=WeightDecay.of(group))
+
+
+@dataclasses.dataclass(frozen=True)
+class SGDStep:
+    """first: the momentum buffer starts this step (b_t = g_t): on step 1, or where momentum
+    was switched on after step 1 (the buffer is created then)."""
+    first: bool
+
+
+def sgd_update(p, g, state: dict, hp: SGDHyper, s: SGDStep) -> None:
+    """One SGD step, in place, in torch.optim's single-tensor operation order: the reference
+    kernel (on `optimlab._foreach.TensorList` s, the multi-tensor one).  ``state`` holds the
+    ``momentum_buffer`` when momentum > 0."""
+    g = hp.decay.grad(p, signed(g, hp.maximize))            # g (+ lambda theta for L2)
+    hp.decay.before(p)                                      # decoupled decay of theta_{t-1}
+    if hp.momentum != 0:
+        buf = state["momentum_buffer"]
+        if s.first:
+            buf.copy_(g)                                    # b_1 = g_1
         else:
-            buf.mul_(momentum).add_(g, alpha=1 - dampening)     # b_t = mu b_{t-1} + (1-tau) g_t
-        if nesterov:
-            g = g.add(buf, alpha=momentum)                      # d_t = g_t + mu b_t
-        else:
-            g = buf                                             # d_t = b_t
-    p.add_(g, alpha=-lr)                                        # theta_t = theta_{t-1} - eta d_t
+            buf.mul_(hp.momentum).add_(g, alpha=1 - hp.dampening)   # b_t = mu b + (1-tau) g
+        g = g.add(buf, alpha=hp.momentum) if hp.nesterov else buf   # d_t
+    p.add_(g, alpha=-hp.lr)                                 # theta_t = theta_{t-1} - eta d_t
+    hp.decay.after_update(p)                                # decay of the updated weights
 
 
-def sgd_update_foreach(params: list[torch.Tensor], grads: list[torch.Tensor],
-                       bufs: list[torch.Tensor] | None, first_steps: list[bool], *, lr: float,
-                       momentum: float, dampening: float, nesterov: bool) -> None:
-    """`sgd_update` on lists of tensors that share a device and dtypes (``torch._foreach_*``
-    kernels in the reference's operation order); ``first_steps`` per tensor."""
-    if bufs is not None:
-        first = [i for i, f in enumerate(first_steps) if f]
-        later = [i for i, f in enumerate(first_steps) if not f]
-        if first:
-            torch._foreach_copy_([bufs[i] for i in first], [grads[i] for i in first])
-        if later:
-            b = [bufs[i] for i in later]
-            torch._foreach_mul_(b, momentum)
-            torch._foreach_add_(b, [grads[i] for i in later], alpha=1 - dampening)
-        grads = torch._foreach_add(grads, bufs, alpha=momentum) if nesterov else bufs
-    torch._foreach_add_(params, grads, alpha=-lr)
-
+_F32, _F64 = torch.float32, torch.float64
 
 class SGD(Optimizer):
     r"""SGD with momentum, dampening, Nesterov momentum and L2, decoupled or independent
@@ -108,8 +116,8 @@ class SGD(Optimizer):
         wd_after_update: decoupled/independent decay of the updated weights instead of
             theta_{t-1}.
         maximize: ascend instead of descend.
-        nonfinite: ``"skip"``, ``"raise"`` or ``"ignore"`` (see `optimlab._common.Optimizer`).
-        impl: ``"auto"``, ``"reference"``, ``"foreach"`` or ``"fused"`` (see `optimlab._common`;
+        nonfinite: ``"skip"``, ``"raise"`` or ``"ignore"`` (see `optimlab._optimizer.Optimizer`).
+        impl: ``"auto"``, ``"reference"``, ``"foreach"`` or ``"fused"`` (see `optimlab._optimizer`;
             fused: optimlab's CPU kernel, fp32/fp64).
 
     State per parameter: ``step`` (int, steps taken) and, when momentum > 0,
@@ -124,6 +132,12 @@ class SGD(Optimizer):
         >>> sgdw = optimlab.SGD(model.parameters(), lr=0.1, momentum=0.9,
         ...                     weight_decay=1e-4, wd_mode="independent")
     """
+
+    Hyper = SGDHyper
+    fused = _ext.declare(_ext.FusedKernel(
+        name="sgd", hyper=SGDHyper, state=("momentum_buffer",), scalars=SGDStep,
+        dtypes=frozenset({(_F32, _F32, _F32), (_F64, _F64, _F64)})))
+    _kernel = staticmethod(sgd_update)
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  nesterov: bool = False, weight_decay: float = 0.0, *, wd_mode: str = "l2",
@@ -151,83 +165,21 @@ class SGD(Optimizer):
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _update_param(self, p, grad, state, group) -> None:
-        grad = grad_with_decay(p, grad, group)
-        state["step"] += 1
-        first_step = state["step"] == 1
-        buf = None
-        if group["momentum"] != 0:
-            if "momentum_buffer" not in state:      # momentum switched on after step 1
-                state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
-                first_step = True
-            buf = state["momentum_buffer"]
-        sgd_update(p, grad, buf, lr=group["lr"], momentum=group["momentum"],
-                   dampening=group["dampening"], nesterov=group["nesterov"],
-                   first_step=first_step)
-        decay_after_update(p, group)
-
-    @staticmethod
-    def _buffers(params, states, momentum: bool) -> tuple[list | None, list[bool]]:
-        """Increment the steps; return the momentum buffers (None without momentum; created
-        when momentum was switched on after step 1) and which of them start this step."""
-        for state in states:
-            state["step"] += 1
-        first = [state["step"] == 1 for state in states]
-        if not momentum:
-            return None, first
-        bufs = []
-        for i, (p, state) in enumerate(zip(params, states)):
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
-                first[i] = True
-            bufs.append(state["momentum_buffer"])
-        return bufs, first
-
-    def _foreach_update(self, group, params, states) -> None:
-        grads = foreach_grads_with_decay(params, [p.grad for p in params], group)
-        bufs, first = self._buffers(params, states, group["momentum"] != 0)
-        sgd_update_foreach(params, grads, bufs, first, lr=group["lr"],
-                           momentum=group["momentum"], dampening=group["dampening"],
-                           nesterov=group["nesterov"])
-        foreach_decay_after_update(params, group)
-
-    def _fused_update(self, group, params, states) -> str:
-        p0 = params[0]
-        code = {torch.float32: 0, torch.float64: 2}.get(p0.dtype)
-        keys = ("momentum_buffer",) if group["momentum"] != 0 else ()
-        if p0.device.type != "cpu" or code is None or not _ext.available():
-            raise NoFusedKernel(f"no fused SGD kernel for {p0.dtype} on {p0.device.type} "
-                                f"(optimlab's CPU kernels, fp32/fp64; available: "
-                                f"{_ext.available()})")
-        if self._flat_bucket:    # bucketed together: same state keys and dtypes, same layout
-            have = [k for k in keys if k in states[0]]
-            bad = any(states[0][k].dtype != p0.dtype for k in have)
-        else:
-            have = [k for k in keys if all(k in s for s in states)]
-            bad = any(s[k].dtype != p0.dtype for s in states for k in have) or \
-                not _ext.same_layout(params, states, have)
-        if bad:
-            raise NoFusedKernel("SGD state in another dtype or layout than the parameters")
-        slots = []
-        if have or not keys:     # every buffer exists (or no momentum): one loop
-            for p, st in zip(params, states):
-                st["step"] += 1
-                slots += (p.data_ptr(), p.grad.data_ptr(),
-                          st["momentum_buffer"].data_ptr() if keys else 0, p.numel(),
-                          st["step"] == 1)
-        else:
-            bufs, first = self._buffers(params, states, True)
-            for i, p in enumerate(params):
-                slots += (p.data_ptr(), p.grad.data_ptr(), bufs[i].data_ptr(), p.numel(),
-                          first[i])
-        wd_l2, pre, post = fused_decay_scalars(group)
-        _ext.call("sgd", code, slots, 5, (group["lr"], group["momentum"], group["dampening"],
-                                          group["nesterov"], wd_l2, pre, post,
-                                          group["maximize"]))
-        return "fused-cpu"
+    def _scalars(self, hp: SGDHyper, params, states):
+        """SGDStep per tensor: ``first`` on a buffer's first step.  Where momentum was switched
+        on after step 1 the state has no buffer yet: it is created here (zeros, so that it is
+        never uninitialised memory) and starts this step, b_t = g_t."""
+        first, later = (True, SGDStep(first=True)), (False, SGDStep(first=False))
+        out = []
+        for p, state in zip(params, states):
+            late = hp.momentum != 0 and "momentum_buffer" not in state
+            if late:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            out.append(first if late or state["step"] == 0 else later)
+        return out
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As `optimlab._common.Optimizer.load_state_dict`; additionally accepts
+        """As `optimlab._optimizer.Optimizer.load_state_dict`; additionally accepts
         torch.optim.SGD's format, whose per-parameter state is only a ``momentum_buffer``
         (present once the buffer is in use): it loads with ``step = 1``."""
         state = state_dict["state"]
