@@ -42,8 +42,8 @@ import torch
 import optimlab
 from optimlab.data import load_split
 from optimlab.models import build_classifier, default_model_dir, load_tokenizer
-from optimlab.train import (Example, _Schedule, _collate, _epoch_generator, _loss_fn,
-                            length_grouped_batches)
+from optimlab.loop import epoch_batches, schedule
+from optimlab.train import Example, _collate, _loss_fn
 from optimlab.registry import param_groups_weight_decay
 
 
@@ -54,7 +54,7 @@ def build_ours(model_dir, pooling, lr, total, warmup):
     if model.pooling != "pooler":
         model.encoder.pooler.requires_grad_(False)
     opt = optimlab.AdamW(param_groups_weight_decay(model, 0.01), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _Schedule(total, warmup, "linear"))
+    sched = schedule(opt, total=total, warmup=warmup, kind="linear")
     return model.train(), opt, sched
 
 
@@ -93,8 +93,8 @@ def main() -> None:
                 for r, e in zip(records, ours_tok.encode_batch([r.text for r in records]))]
     hf_tok = transformers.BertTokenizerFast.from_pretrained(str(model_dir), local_files_only=True)
     lengths = [len(e.ids) for e in examples]
-    plan = length_grouped_batches(lengths, args.batch_size, _epoch_generator(11711, 0),
-                                  group_by_length=args.order == "grouped")
+    plan = epoch_batches(lengths, args.batch_size, 11711, 0,
+                         group_by_length=args.order == "grouped")
     steps = len(plan) if args.steps is None else min(args.steps, len(plan))
     total, warmup = len(plan), round(0.1 * len(plan))
     cpu = torch.device("cpu")

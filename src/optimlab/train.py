@@ -7,13 +7,14 @@
 
 From Python: ``metrics = train(TrainConfig(task="sst", lr=5e-5))`` or ``resume("runs/sst-adamw")``.
 
-The loop, top to bottom (`_run`): processes and device -> data (tokenized once) -> model ->
-optimizer (`create_optimizer`, wrapped in `SAM` with ``sam=True``) -> schedule (linear warmup,
-then linear/cosine decay, a ``LambdaLR``) -> for each epoch: length-grouped batches in a seeded
-order, one `accumulate_and_step` per batch (every optimizer, SAM or not: micro-batches are
-weighted by their share of the examples, so accumulation and DDP give the global-batch
-gradient) -> dev accuracy -> best weights -> checkpoint -> at the end, predictions of the best
-model and ``metrics.json``.
+Top to bottom: `_setup` (processes and device -> data, tokenized once -> model -> optimizer,
+`create_optimizer` with the registry's training defaults, in `SAM` with ``sam=True`` ->
+schedule, linear warmup then linear/cosine decay) -> `_load_run_state` when resuming -> the
+loop, `optimlab.loop.Fit` (the one the lab runs too): for each epoch, length-grouped batches in
+a seeded order, one `accumulate_and_step` per batch (every optimizer, SAM or not: micro-batches
+are weighted by their share of the examples, so accumulation and DDP give the global-batch
+gradient) -> at each epoch's end dev accuracy, best weights, `_save_run_state` (the
+checkpoint), metrics -> at the end, predictions of the best model and ``metrics.json``.
 
 What a run directory holds (``--out``, default ``runs/<task>-<optimizer>``):
 
@@ -47,7 +48,6 @@ import os
 import random
 import resource
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -58,14 +58,15 @@ import torch
 import torch.nn.functional as F
 
 from ._common import WD_MODES
+from ._run import atomic_save, atomic_write, environment
 from .data import TASKS, load_file, load_split
-from .registry import get_spec, list_optimizers, param_groups_weight_decay
-from .sam import SAM, accumulate_and_step
+from .loop import (SCHEDULES, Fit, Position, epoch_batches, length_grouped_batches,
+                   lr_multiplier, schedule, updates_per_epoch, warmup_updates)
+from .registry import create_optimizer, get_spec, list_optimizers, param_groups_weight_decay
 
 __all__ = ["TrainConfig", "train", "resume", "SCHEDULES", "default_lr", "length_grouped_batches",
            "lr_multiplier", "atomic_save", "write_predictions"]
 
-SCHEDULES = ("linear", "cosine", "constant")
 FINE_TUNE_MODES = ("full-model", "last-linear-layer")
 CHECKPOINT = "checkpoint.pt"
 BEST_MODEL = "best_model.safetensors"
@@ -79,19 +80,11 @@ TASK_DEFAULTS = {
     None:     dict(max_length=128, grad_accum=1, epochs=3),       # your own files
 }
 
-# Learning rates: adamw's full-model rate was tuned on the embedded MiniLM-L6 (SST-5 dev, 2
-# epochs: 5e-5 -> 0.479 (3 epochs: 0.481), 1e-4 -> 0.501; a small model likes a larger rate:
-# for BERT-base use 2e-5..5e-5); the others are starting points, not tuned here.
-_LR_FULL = {"adam": 1e-4, "adamw": 1e-4, "amsgrad": 1e-4, "radam": 1e-4, "adafactor": 1e-4,
-            "sgd": 1e-2, "sgdw": 1e-2, "adagrad": 1e-3, "rmsprop": 1e-5}
-_LR_HEAD = {"sgd": 0.1, "sgdw": 0.1, "adagrad": 1e-2, "rmsprop": 1e-3}
-
-
 def default_lr(optimizer: str, fine_tune_mode: str) -> float:
-    """The learning rate ``optimlab train`` uses when ``--lr`` is not given."""
-    if fine_tune_mode == "last-linear-layer":
-        return _LR_HEAD.get(optimizer, 1e-3)
-    return _LR_FULL.get(optimizer, 5e-5)
+    """The learning rate ``optimlab train`` uses when ``--lr`` is not given: the registry's
+    (`optimlab.registry.OptimizerSpec`: ``lr_full_model``, ``lr_head``)."""
+    spec = get_spec(optimizer)
+    return spec.lr_head if fine_tune_mode == "last-linear-layer" else spec.lr_full_model
 
 
 @dataclass
@@ -248,57 +241,6 @@ class Example(NamedTuple):
     label: int | None
 
 
-def length_grouped_batches(lengths: list[int], batch_size: int, generator: torch.Generator,
-                           group_by_length: bool = True, mega: int = 50) -> list[list[int]]:
-    """One epoch's batches (lists of example indices), every example once.
-
-    A random permutation; with ``group_by_length``, chunks of ``mega`` batches are each sorted
-    by length (longest first), cut into batches, and the batches shuffled, so a batch holds
-    examples of similar length but the order of batches is random (as transformers'
-    LengthGroupedSampler, plus the shuffle of batches).  Only the last batch may be smaller.
-    """
-    perm = torch.randperm(len(lengths), generator=generator).tolist()
-    if group_by_length:
-        chunk = batch_size * mega
-        perm = [i for s in range(0, len(perm), chunk)
-                for i in sorted(perm[s:s + chunk], key=lambda i: -lengths[i])]
-    batches = [perm[s:s + batch_size] for s in range(0, len(perm), batch_size)]
-    if group_by_length:
-        last = batches.pop() if len(batches[-1]) < batch_size else None
-        batches = [batches[k] for k in torch.randperm(len(batches), generator=generator).tolist()]
-        if last is not None:
-            batches.append(last)
-    return batches
-
-
-def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    return torch.Generator().manual_seed(((seed & 0xFFFFFFFF) << 20) + epoch)
-
-
-def lr_multiplier(step: int, *, total: int, warmup: int, schedule: str) -> float:
-    """The factor on the peak lr for update ``step`` (0-based): linear warmup over ``warmup``
-    updates ((step + 1) / (warmup + 1), as nanoGPT: the first update does move), then
-    ``linear`` (to 0 at ``total``), ``cosine`` (half a cosine to 0) or ``constant``."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return 1.0 - progress
-
-
-class _Schedule:
-    """`lr_multiplier` as a picklable callable for LambdaLR."""
-
-    def __init__(self, total: int, warmup: int, schedule: str):
-        self.total, self.warmup, self.schedule = total, warmup, schedule
-
-    def __call__(self, step: int) -> float:
-        return lr_multiplier(step, total=self.total, warmup=self.warmup, schedule=self.schedule)
-
-
 def _collate(examples: list[Example], pad_id: int, device: torch.device) -> dict:
     T = max(len(e.ids) for e in examples)
     input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
@@ -356,43 +298,14 @@ def write_predictions(path: str | os.PathLike, ids: list[str], labels: list[int]
     """The CS224N prediction file: ``id \\t Predicted_Sentiment `` then ``<id> , <label> ``
     per line, exactly as the CS224N classifier.py writes it (written atomically)."""
     text = "id \t Predicted_Sentiment \n" + "".join(f"{i} , {p} \n" for i, p in zip(ids, labels))
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
-def _atomic_write(path: str | os.PathLike, write: Callable) -> None:
-    """Write ``path`` through a temporary file in the same directory and ``os.replace``: a
-    reader (or a crash) sees the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    with contextlib.suppress(OSError):          # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` via a temporary file and an atomic rename."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _save_weights(model, path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save as st_save
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     data = st_save(state, metadata=metadata)
-    _atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data))
 
 
 def _load_weights(model, path: Path) -> None:
@@ -421,31 +334,6 @@ def _peak_memory(device: torch.device) -> dict:
     if device.type == "cuda":
         out["peak_cuda_allocated_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     return out
-
-
-def _environment() -> dict:
-    from importlib import metadata
-    versions = {"python": sys.version.split()[0]}
-    for pkg in ("optimlab", "torch", "tokenizers", "safetensors", "tqdm", "transformers"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    root = Path(__file__).resolve().parents[2]
-    git = {"revision": None, "dirty": None}
-    try:
-        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
-        if rev.returncode == 0:
-            git["revision"] = rev.stdout.strip()
-            status = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
-                                     "--untracked-files=no"], capture_output=True, text=True,
-                                    timeout=10)
-            git["dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"versions": versions, "git": git, "platform": sys.platform,
-            "torch_threads": torch.get_num_threads()}
 
 
 def _require(module: str, purpose: str):
@@ -532,17 +420,55 @@ def resume(run_dir: str | os.PathLike, *, handle_signals: bool = False,
     return _run(cfg, state, handle_signals=handle_signals, log=log)
 
 
-# =========================================================================== the loop
-def _run(cfg: TrainConfig, state: dict | None, *, handle_signals: bool,
-         log: Callable[[str], None] | None) -> dict:
-    start_time = time.perf_counter()
+# =========================================================================== the run
+@dataclass
+class _Run:
+    """A run set up by `_setup`: processes and device, data, model, optimizer, schedule."""
+    cfg: TrainConfig
+    world: int
+    rank: int
+    device: torch.device
+    own_group: bool                   # this run initialised the process group
+    say: Callable[[str], None]
+    tqdm: Any
+    model_dir: Path
+    data: dict[str, list[Example]]
+    num_labels: int
+    model: torch.nn.Module
+    ddp_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    n_decay: int
+    updates_per_epoch: int
+    total_updates: int
+    warmup: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    def autocast(self):
+        return (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.bf16
+                else contextlib.nullcontext())
+
+    def predict(self, split: str) -> list[int]:
+        return predict(self.model, self.data[split], batch_size=self.cfg.eval_batch_size,
+                       pad_id=self.model.pad_token_id, device=self.device,
+                       autocast=self.autocast, rank=self.rank, world=self.world)
+
+
+def _setup(cfg: TrainConfig, log: Callable[[str], None] | None) -> _Run:
+    """Processes and device (torchrun sets WORLD_SIZE, RANK, LOCAL_RANK), the data tokenized
+    once, the model (a pretrained encoder and a fresh, seeded head), the optimizer (the
+    registry's, weight decay on weight matrices only, SAM around it with ``sam``) and the
+    warmup-then-decay schedule."""
     tqdm = _require("tqdm", "the training progress bars").tqdm
     _require("tokenizers", "tokenizing the training data")
     _require("safetensors", "saving the best model")
-    from .models import build_classifier, load_tokenizer
-    from .models._checkpoint import default_model_dir
-
-    # ---- processes and device (torchrun sets WORLD_SIZE, RANK, LOCAL_RANK)
     dist = torch.distributed
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -561,264 +487,256 @@ def _run(cfg: TrainConfig, state: dict | None, *, handle_signals: bool,
     own_group = world > 1 and not dist.is_initialized()
     if own_group:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    is_main = rank == 0
-    say = (log or (lambda s: tqdm.write(s))) if is_main else (lambda s: None)
-    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.bf16
-                else contextlib.nullcontext)
-    out = Path(cfg.out)
+    say = (log or (lambda s: tqdm.write(s))) if rank == 0 else (lambda s: None)
+    try:
+        return _build(cfg, world, rank, device, own_group, say, tqdm)
+    except BaseException:
+        if own_group and dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+
+
+def _build(cfg, world, rank, device, own_group, say, tqdm) -> _Run:
+    """`_setup` once the processes and device are settled."""
+    from .models import build_classifier, load_tokenizer
+    from .models._checkpoint import default_model_dir
+
+    # ---- data: read, tokenize once (lengths known for grouping), cap if asked
+    model_dir = Path(cfg.model_dir) if cfg.model_dir else default_model_dir()
+    tokenizer = load_tokenizer(model_dir, max_length=cfg.max_length)
+    if cfg.task is not None:
+        splits = {"train": load_split(cfg.task, "train"), "dev": load_split(cfg.task, "dev"),
+                  "test": load_split(cfg.task, "test-student")}
+        num_labels = TASKS[cfg.task]
+    else:
+        splits = {"train": load_file(cfg.train_file, require_labels=True,
+                                     num_labels=cfg.num_labels),
+                  "dev": load_file(cfg.dev_file, require_labels=True, num_labels=cfg.num_labels)}
+        if cfg.test_file is not None:
+            splits["test"] = load_file(cfg.test_file, num_labels=cfg.num_labels)
+        num_labels = cfg.num_labels or 1 + max(r.label for s in ("train", "dev")
+                                               for r in splits[s])
+    limits = {"train": cfg.max_train_samples, "dev": cfg.max_eval_samples,
+              "test": cfg.max_eval_samples}
+    data: dict[str, list[Example]] = {}
+    for name, records in splits.items():
+        records = records[:limits[name]] if limits[name] else records
+        encodings = tokenizer.encode_batch([r.text for r in records])
+        data[name] = [Example(r.id, e.ids, r.label) for r, e in zip(records, encodings)]
+    if len(data["train"]) < world:
+        raise ValueError(f"{len(data['train'])} training examples cannot feed {world} processes")
+
+    # ---- model: pretrained encoder + a fresh head, seeded
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = build_classifier(model_dir, num_labels=num_labels, pooling=cfg.pooling,
+                             dropout=cfg.dropout, fine_tune_mode=cfg.fine_tune_mode)
+    if model.pooling != "pooler" and getattr(model.encoder, "pooler", None) is not None:
+        model.encoder.pooler.requires_grad_(False)      # unused: no gradient, no updates
+    model.to(device)
+
+    # ---- optimizer: weight decay on weight matrices only; SAM wraps the same groups
+    groups = param_groups_weight_decay(model, cfg.weight_decay)
+    options = {} if cfg.wd_mode is None else {"wd_mode": cfg.wd_mode}
+    optimizer = create_optimizer(groups, cfg.optimizer, lr=cfg.lr, scheduled=True,
+                                 sam=dict(rho=cfg.rho, adaptive=cfg.asam) if cfg.sam else None,
+                                 **options)
+
+    # ---- schedule: warmup, then decay, one multiplier per update
+    per_epoch = updates_per_epoch(len(data["train"]), cfg.batch_size, world)
+    total = per_epoch * cfg.epochs
+    warmup = warmup_updates(cfg.warmup, total)
+    scheduler = schedule(optimizer, total=total, warmup=warmup, kind=cfg.schedule)
+
+    ddp_model = model
+    if world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False)
+    return _Run(cfg=cfg, world=world, rank=rank, device=device, own_group=own_group, say=say,
+                tqdm=tqdm, model_dir=model_dir, data=data, num_labels=num_labels, model=model,
+                ddp_model=ddp_model, optimizer=optimizer, scheduler=scheduler,
+                n_decay=sum(p.numel() for g in groups if g["weight_decay"] for p in g["params"]),
+                updates_per_epoch=per_epoch, total_updates=total, warmup=warmup)
+
+
+def _save_run_state(run: _Run, fit: Fit, history: list, best: dict, wall_time: float) -> None:
+    """The checkpoint: the model, optimizer and scheduler, every process's RNG and loss sum of
+    the epoch so far, the loop's position (the epoch's batch order included), the history and
+    the configuration.  All processes take part; the main one writes (atomically)."""
+    pos = fit.position()
+    mine = {"rng": _rng_state(run.device),
+            "loss_sum": pos["loss_sum"] if pos["batches"] is not None else None}
+    per_rank = [mine]
+    if run.world > 1:
+        per_rank = [None] * run.world
+        torch.distributed.all_gather_object(per_rank, mine)
+    if run.is_main:
+        atomic_save({
+            "format": "optimlab.train/1", "config": asdict(run.cfg),
+            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "ranks": per_rank,
+            "position": {"epoch": pos["epoch"], "step_in_epoch": pos["step_in_epoch"],
+                         "step": pos["step"], "batches": pos["batches"],
+                         "seen": pos["seen"] if pos["batches"] is not None else 0,
+                         "seconds": pos["seconds"] if pos["batches"] is not None else 0.0},
+            "history": history, "best": best, "world_size": run.world,
+            "wall_time_s": wall_time,
+        }, run.out / CHECKPOINT)
+
+
+def _load_run_state(run: _Run, state: dict) -> tuple[Position, list, dict, float]:
+    """`_save_run_state`'s checkpoint into ``run``: (position, history, best, wall time)."""
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    ranks = state["ranks"]
+    if len(ranks) != run.world:
+        run.say(f"note: the checkpoint was written by {len(ranks)} process(es), this run has "
+                f"{run.world}; dropout masks will differ from an uninterrupted run")
+    mine = ranks[run.rank % len(ranks)]
+    _set_rng_state(mine["rng"], run.device)
+    pos = state["position"]
+    position = Position(epoch=pos["epoch"], step_in_epoch=pos["step_in_epoch"], step=pos["step"],
+                        batches=pos["batches"], loss_sum=mine["loss_sum"] or [0.0, 0.0],
+                        seen=pos["seen"], seconds=pos["seconds"])
+    return position, state["history"], state["best"], state.get("wall_time_s", 0.0)
+
+
+def _run(cfg: TrainConfig, state: dict | None, *, handle_signals: bool,
+         log: Callable[[str], None] | None) -> dict:
+    start_time = time.perf_counter()
+    run = _setup(cfg, log)
+    out, dist, say = run.out, torch.distributed, run.say
     stop = _StopFlag(handle_signals)
     try:
-        # ---- data: read, tokenize once (lengths known for grouping), cap if asked
-        model_dir = Path(cfg.model_dir) if cfg.model_dir else default_model_dir()
-        tokenizer = load_tokenizer(model_dir, max_length=cfg.max_length)
-        if cfg.task is not None:
-            splits = {"train": load_split(cfg.task, "train"), "dev": load_split(cfg.task, "dev"),
-                      "test": load_split(cfg.task, "test-student")}
-            num_labels = TASKS[cfg.task]
-        else:
-            splits = {"train": load_file(cfg.train_file, require_labels=True,
-                                         num_labels=cfg.num_labels),
-                      "dev": load_file(cfg.dev_file, require_labels=True,
-                                       num_labels=cfg.num_labels)}
-            if cfg.test_file is not None:
-                splits["test"] = load_file(cfg.test_file, num_labels=cfg.num_labels)
-            num_labels = cfg.num_labels or 1 + max(r.label for s in ("train", "dev")
-                                                   for r in splits[s])
-        limits = {"train": cfg.max_train_samples, "dev": cfg.max_eval_samples,
-                  "test": cfg.max_eval_samples}
-        data: dict[str, list[Example]] = {}
-        for name, records in splits.items():
-            records = records[:limits[name]] if limits[name] else records
-            encodings = tokenizer.encode_batch([r.text for r in records])
-            data[name] = [Example(r.id, e.ids, r.label) for r, e in zip(records, encodings)]
-        train_set, lengths = data["train"], [len(e.ids) for e in data["train"]]
-        if len(train_set) < world:
-            raise ValueError(f"{len(train_set)} training examples cannot feed {world} processes")
-
-        # ---- model: pretrained encoder + a fresh head, seeded
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        model = build_classifier(model_dir, num_labels=num_labels, pooling=cfg.pooling,
-                                 dropout=cfg.dropout, fine_tune_mode=cfg.fine_tune_mode)
-        if model.pooling != "pooler" and getattr(model.encoder, "pooler", None) is not None:
-            model.encoder.pooler.requires_grad_(False)      # unused: no gradient, no updates
-        model.to(device)
-        pad_id = model.pad_token_id
-        n_total = sum(p.numel() for p in model.parameters())
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-        # ---- optimizer: weight decay on weight matrices only; SAM wraps the same groups
-        spec = get_spec(cfg.optimizer)
-        options = dict(spec.defaults)
-        if cfg.wd_mode is not None:
-            options["wd_mode"] = cfg.wd_mode
-        if cfg.optimizer == "adafactor":      # let --lr and the schedule set the step size
-            options.update(relative_step=False, scale_parameter=False)
-        groups = param_groups_weight_decay(model, cfg.weight_decay)
-        if cfg.sam:
-            optimizer = SAM(groups, spec.cls, rho=cfg.rho, adaptive=cfg.asam, lr=cfg.lr,
-                            **options)
-        else:
-            optimizer = spec.cls(groups, lr=cfg.lr, **options)
-        n_decay = sum(p.numel() for g in groups if g["weight_decay"] for p in g["params"])
-
-        # ---- schedule: warmup, then decay, one multiplier per update
-        updates_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-        if world > 1 and len(train_set) % cfg.batch_size and \
-                len(train_set) % cfg.batch_size < world:
-            updates_per_epoch -= 1           # a last batch smaller than the world is dropped
-        total_updates = updates_per_epoch * cfg.epochs
-        warmup = (round(cfg.warmup * total_updates) if cfg.warmup < 1 else int(cfg.warmup))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, _Schedule(total_updates, warmup, cfg.schedule))
-
-        ddp_model = model
-        if world > 1:
-            ddp_model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None,
-                broadcast_buffers=False)
+        train_set = run.data["train"]
+        lengths = [len(e.ids) for e in train_set]
+        pad_id = run.model.pad_token_id
+        n_total = sum(p.numel() for p in run.model.parameters())
+        n_train = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
 
         # ---- where we are: a fresh start, or the checkpoint's position
-        epoch, step_in_epoch, global_step = 0, 0, 0
-        history: list[dict] = []
-        best = {"epoch": None, "dev_acc": -1.0}
-        plan: list[list[int]] | None = None
-        partial = None                   # inside an epoch: its loss sum, examples, seconds
-        previous_wall = 0.0
+        position, history, best, previous_wall = Position(), [], {"epoch": None, "dev_acc": -1.0}, 0.0
         if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            ranks = state["ranks"]
-            if len(ranks) != world:
-                say(f"note: the checkpoint was written by {len(ranks)} process(es), this run has "
-                    f"{world}; dropout masks will differ from an uninterrupted run")
-            _set_rng_state(ranks[rank % len(ranks)]["rng"], device)
-            pos = state["position"]
-            epoch, step_in_epoch, global_step = pos["epoch"], pos["step_in_epoch"], pos["step"]
-            plan = pos["batches"]
-            mine = ranks[rank % len(ranks)]["loss_sum"]
-            partial = {"loss_sum": mine or [0.0, 0.0], "seen": pos["seen"],
-                       "seconds": pos["seconds"]}
-            history, best = state["history"], state["best"]
-            previous_wall = state.get("wall_time_s", 0.0)
-        elif is_main:
+            position, history, best, previous_wall = _load_run_state(run, state)
+        elif run.is_main:
             out.mkdir(parents=True, exist_ok=True)
             for stale in (out / CHECKPOINT, out / BEST_MODEL, out / METRICS):
                 stale.unlink(missing_ok=True)          # --overwrite
-        if world > 1:
+        if run.world > 1:
             dist.barrier()
-        environment = _environment() if is_main else {}
+        env = environment() if run.is_main else {}
 
-        def checkpoint(partial: dict | None = None):
-            """The whole state after the update just done; ``partial``: the epoch's loss sum,
-            examples and seconds so far, when inside an epoch.  All processes take part."""
-            mine = {"rng": _rng_state(device), "loss_sum": partial["loss_sum"] if partial else None}
-            per_rank = [mine]
-            if world > 1:
-                per_rank = [None] * world
-                dist.all_gather_object(per_rank, mine)
-            if is_main:
-                atomic_save({
-                    "format": "optimlab.train/1", "config": asdict(cfg),
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "ranks": per_rank,
-                    "position": {"epoch": epoch, "step_in_epoch": step_in_epoch,
-                                 "step": global_step, "batches": plan,
-                                 "seen": partial["seen"] if partial else 0,
-                                 "seconds": partial["seconds"] if partial else 0.0},
-                    "history": history, "best": best, "world_size": world,
-                    "wall_time_s": previous_wall + time.perf_counter() - start_time,
-                }, out / CHECKPOINT)
+        def wall() -> float:
+            return previous_wall + time.perf_counter() - start_time
+
+        def micro_batches(batch: list[int]) -> tuple[list, int]:
+            mine = sorted(batch, key=lambda i: -lengths[i])[run.rank::run.world]
+            return ([_collate([train_set[i] for i in part], pad_id, run.device)
+                     for part in _split(mine, cfg.grad_accum)], len(mine))
+
+        def progress(epoch: int, total: int, initial: int):
+            return run.tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                            unit="step", disable=not (run.is_main and cfg.progress),
+                            dynamic_ncols=True,
+                            mininterval=1.0 if sys.stderr.isatty() else 30.0)
+
+        fit = Fit(run.ddp_model, run.optimizer, run.scheduler, epochs=cfg.epochs,
+                  plan=lambda epoch: epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch,
+                                                   group_by_length=cfg.group_by_length,
+                                                   world=run.world),
+                  micro_batches=micro_batches, loss_fn=_loss_fn, max_grad_norm=cfg.max_grad_norm,
+                  autocast=torch.bfloat16 if cfg.bf16 else None, position=position,
+                  world=run.world, progress=progress)
+        memory: dict = {}
 
         def write_metrics(status: str) -> dict:
             metrics = {
                 "status": status, "config": asdict(cfg), "task": cfg.task,
-                "num_labels": num_labels, "examples": {k: len(v) for k, v in data.items()},
-                "parameters": {"total": n_total, "trained": n_train, "decayed": n_decay},
-                "world_size": world, "device": str(device),
-                "updates": {"per_epoch": updates_per_epoch, "total": total_updates,
-                            "warmup": warmup, "done": global_step},
+                "num_labels": run.num_labels,
+                "examples": {k: len(v) for k, v in run.data.items()},
+                "parameters": {"total": n_total, "trained": n_train, "decayed": run.n_decay},
+                "world_size": run.world, "device": str(run.device),
+                "updates": {"per_epoch": run.updates_per_epoch, "total": run.total_updates,
+                            "warmup": run.warmup, "done": fit.pos.step},
                 "epochs": history, "best_epoch": best["epoch"], "best_dev_acc": best["dev_acc"],
-                "wall_time_s": round(previous_wall + time.perf_counter() - start_time, 2),
-                "memory": memory, **environment,
+                "wall_time_s": round(wall(), 2), "memory": memory, **env,
             }
-            if is_main:
-                _atomic_write(out / METRICS, lambda f: f.write(
+            if run.is_main:
+                atomic_write(out / METRICS, lambda f: f.write(
                     (json.dumps(metrics, indent=2) + "\n").encode("utf-8")))
             return metrics
 
-        say(f"optimlab train: {cfg.task or cfg.train_file} ({len(train_set)} train / "
-            f"{len(data['dev'])} dev), {model.model_type} from {model_dir} "
-            f"({cfg.fine_tune_mode}, {n_train:,} of {n_total:,} parameters trained), "
-            f"{cfg.optimizer}{' + SAM' if cfg.sam else ''} lr {cfg.lr:g}, {cfg.epochs} epochs x "
-            f"{updates_per_epoch} updates of {cfg.batch_size} ({world} process(es) x "
-            f"{cfg.grad_accum} micro-batches), warmup {warmup} + {cfg.schedule}, "
-            f"{device} -> {out}")
-        if state is not None:
-            say(f"resuming at epoch {epoch + 1}, update {step_in_epoch} of the epoch "
-                f"({global_step} in all)")
+        def should_stop(fit: Fit, loss: float) -> bool:
+            return stop.requested or fit.pos.step == cfg.stop_after
 
-        # ---- the epochs
-        stopped = False
-        memory: dict = {}
-        ddp_model.train()
-        while epoch < cfg.epochs and not stopped:
-            if plan is None:
-                plan = length_grouped_batches(lengths, cfg.batch_size,
-                                              _epoch_generator(cfg.seed, epoch),
-                                              cfg.group_by_length)
-                if world > 1 and len(plan[-1]) < world:
-                    plan.pop()
-            partial = partial or {"loss_sum": [0.0, 0.0], "seen": 0, "seconds": 0.0}
-            loss_sum = torch.tensor(partial["loss_sum"], dtype=torch.float64)   # sum loss*n, n
-            seen, tick = partial["seen"], time.perf_counter() - partial["seconds"]
-            partial = None
-            bar = tqdm(total=len(plan), initial=step_in_epoch, desc=f"epoch {epoch + 1}/"
-                       f"{cfg.epochs}", unit="step", disable=not (is_main and cfg.progress),
-                       dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
-            while step_in_epoch < len(plan):
-                batch = sorted(plan[step_in_epoch], key=lambda i: -lengths[i])
-                mine = batch[rank::world]                       # this process's share
-                micro = [_collate([train_set[i] for i in part], pad_id, device)
-                         for part in _split(mine, cfg.grad_accum)]
-                loss = accumulate_and_step(ddp_model, optimizer, micro, _loss_fn,
-                                           max_grad_norm=cfg.max_grad_norm,
-                                           autocast=torch.bfloat16 if cfg.bf16 else None)
-                scheduler.step()
-                step_in_epoch += 1
-                global_step += 1
-                loss_sum += torch.tensor([loss * len(mine), len(mine)], dtype=torch.float64)
-                seen += len(batch)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum[0].item() / max(1.0, loss_sum[1].item()):.4f}",
-                                ex_per_s=f"{seen / (time.perf_counter() - tick):.1f}",
-                                lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
-                stop_now = stop.requested or global_step == cfg.stop_after
-                if world > 1:                                   # every process stops together
-                    flag = torch.tensor([float(stop_now)], device=device)
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                    stop_now = bool(flag.item())
-                if stop_now:
-                    stopped = True
-                    break
-                if cfg.save_every and global_step % cfg.save_every == 0 and \
-                        step_in_epoch < len(plan):
-                    checkpoint({"loss_sum": loss_sum.tolist(), "seen": seen,
-                                "seconds": time.perf_counter() - tick})
-            bar.close()
-            if step_in_epoch < len(plan):       # stopped inside the epoch: save and leave
-                checkpoint({"loss_sum": loss_sum.tolist(), "seen": seen,
-                            "seconds": time.perf_counter() - tick})
-                break
-            train_seconds = time.perf_counter() - tick
-            if world > 1:
-                dist.all_reduce(loss_sum)
+        def after_update(fit: Fit) -> None:
+            pos = fit.pos
+            if cfg.save_every and pos.step % cfg.save_every == 0 and \
+                    pos.step_in_epoch < len(pos.batches):
+                _save_run_state(run, fit, history, best, wall())
 
+        def on_epoch_end(fit: Fit, rec) -> None:
+            nonlocal best, memory
             # ---- evaluate on dev; keep the best weights and their dev predictions
             tick = time.perf_counter()
-            dev_pred = predict(model, data["dev"], batch_size=cfg.eval_batch_size, pad_id=pad_id,
-                               device=device, autocast=autocast, rank=rank, world=world)
-            dev_acc = sum(p == e.label for p, e in zip(dev_pred, data["dev"])) / len(data["dev"])
-            record = {"epoch": epoch + 1, "train_loss": loss_sum[0].item() / loss_sum[1].item(),
-                      "dev_acc": dev_acc, "train_seconds": round(train_seconds, 2),
+            dev_pred = run.predict("dev")
+            dev = run.data["dev"]
+            dev_acc = sum(p == e.label for p, e in zip(dev_pred, dev)) / len(dev)
+            record = {"epoch": rec.epoch, "train_loss": rec.train_loss, "dev_acc": dev_acc,
+                      "train_seconds": round(rec.train_seconds, 2),
                       "eval_seconds": round(time.perf_counter() - tick, 2),
-                      "train_examples_per_s": round(seen / train_seconds, 2),
-                      "lr_end": scheduler.get_last_lr()[0], "updates": global_step}
+                      "train_examples_per_s": round(rec.examples / rec.train_seconds, 2),
+                      "lr_end": run.scheduler.get_last_lr()[0], "updates": rec.updates}
             history.append(record)
             if dev_acc > best["dev_acc"]:
-                best = {"epoch": epoch + 1, "dev_acc": dev_acc}
-                if is_main:
-                    _save_weights(model, out / BEST_MODEL, {"epoch": str(epoch + 1),
-                                                            "dev_acc": f"{dev_acc:.6f}"})
+                best = {"epoch": rec.epoch, "dev_acc": dev_acc}
+                if run.is_main:
+                    _save_weights(run.model, out / BEST_MODEL, {"epoch": str(rec.epoch),
+                                                                "dev_acc": f"{dev_acc:.6f}"})
                     write_predictions(out / "predictions" / _pred_name(cfg, "dev"),
-                                      [e.id for e in data["dev"]], dev_pred)
-            say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {record['train_loss']:.4f}, dev acc "
-                f"{dev_acc:.4f}{' (best)' if best['epoch'] == epoch + 1 else ''}, "
-                f"{train_seconds:.0f} s ({record['train_examples_per_s']:.1f} ex/s), eval "
+                                      [e.id for e in dev], dev_pred)
+            say(f"epoch {rec.epoch}/{cfg.epochs}: train loss {rec.train_loss:.4f}, dev acc "
+                f"{dev_acc:.4f}{' (best)' if best['epoch'] == rec.epoch else ''}, "
+                f"{rec.train_seconds:.0f} s ({record['train_examples_per_s']:.1f} ex/s), eval "
                 f"{record['eval_seconds']:.0f} s")
-            epoch, step_in_epoch, plan = epoch + 1, 0, None
-            checkpoint()
-            memory = _gather_memory(device, world)
-            write_metrics("running" if epoch < cfg.epochs else "evaluating")
+            _save_run_state(run, fit, history, best, wall())
+            memory = _gather_memory(run.device, run.world)
+            write_metrics("running" if rec.epoch < cfg.epochs else "evaluating")
+
+        say(f"optimlab train: {cfg.task or cfg.train_file} ({len(train_set)} train / "
+            f"{len(run.data['dev'])} dev), {run.model.model_type} from {run.model_dir} "
+            f"({cfg.fine_tune_mode}, {n_train:,} of {n_total:,} parameters trained), "
+            f"{cfg.optimizer}{' + SAM' if cfg.sam else ''} lr {cfg.lr:g}, {cfg.epochs} epochs x "
+            f"{run.updates_per_epoch} updates of {cfg.batch_size} ({run.world} process(es) x "
+            f"{cfg.grad_accum} micro-batches), warmup {run.warmup} + {cfg.schedule}, "
+            f"{run.device} -> {out}")
+        if state is not None:
+            say(f"resuming at epoch {position.epoch + 1}, update {position.step_in_epoch} of the "
+                f"epoch ({position.step} in all)")
+
+        # ---- the epochs
+        status = fit.run(should_stop=should_stop, after_update=after_update,
+                         on_epoch_end=on_epoch_end)
+        if fit.pos.batches is not None:          # stopped inside an epoch: save and leave
+            _save_run_state(run, fit, history, best, wall())
 
         # ---- the end: test predictions of the best model, metrics
-        memory = _gather_memory(device, world)
-        if stopped and epoch < cfg.epochs:
-            say(f"stopped after update {global_step}; continue with: optimlab train --resume "
+        memory = _gather_memory(run.device, run.world)
+        if status == "stopped":
+            say(f"stopped after update {fit.pos.step}; continue with: optimlab train --resume "
                 f"{out}")
             return write_metrics("stopped")
-        if world > 1:
+        if run.world > 1:
             dist.barrier()                                  # the best weights are written
-        _load_weights(model, out / BEST_MODEL)
-        if "test" in data:
-            test_pred = predict(model, data["test"], batch_size=cfg.eval_batch_size,
-                                pad_id=pad_id, device=device, autocast=autocast, rank=rank,
-                                world=world)
-            if is_main:
+        _load_weights(run.model, out / BEST_MODEL)
+        if "test" in run.data:
+            test_pred = run.predict("test")
+            if run.is_main:
                 write_predictions(out / "predictions" / _pred_name(cfg, "test"),
-                                  [e.id for e in data["test"]], test_pred)
-        memory = _gather_memory(device, world)
+                                  [e.id for e in run.data["test"]], test_pred)
+        memory = _gather_memory(run.device, run.world)
         metrics = write_metrics("finished")
         say(f"best dev acc {best['dev_acc']:.4f} (epoch {best['epoch']}); "
             f"{metrics['wall_time_s']:.0f} s; peak RSS {memory.get('peak_rss_gb')} GB; "
@@ -826,7 +744,7 @@ def _run(cfg: TrainConfig, state: dict | None, *, handle_signals: bool,
         return metrics
     finally:
         stop.restore()
-        if own_group and dist.is_initialized():
+        if run.own_group and dist.is_initialized():
             if sys.exc_info()[0] is None:
                 dist.barrier()          # no process tears gloo down while a peer still talks
             dist.destroy_process_group()

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from ..train import _atomic_write, _environment
+from .._run import atomic_write, environment
 
 __all__ = ["Lab", "Cell", "parse_grid", "fmt", "mean", "std", "how_measured"]
 
@@ -120,7 +120,7 @@ class Lab:
             text = json.dumps({"experiment": self.experiment, "name": cell.name,
                                "params": cell.params, "result": result},
                               indent=1, default=_jsonable) + "\n"
-            _atomic_write(self.cell_path(cell), lambda f: f.write(text.encode("utf-8")))
+            atomic_write(self.cell_path(cell), lambda f: f.write(text.encode("utf-8")))
             results[i] = json.loads(text)["result"]     # exactly what a rerun will read
             self.computed += 1
             bar.update(1)
@@ -141,7 +141,7 @@ class Lab:
         """``report.md`` and ``results.json``.  ``claim``: what the seed says (the question);
         ``conclusion``: the paragraph computed from ``numbers``; ``how``: what was measured and
         how; ``figures``: (file name in ``out``, caption)."""
-        env = _environment()
+        env = environment()
         wall = round(self.wall_time, 1)
         argv = "optimlab " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name in (
             "optimlab", "cli.py") else None
@@ -169,13 +169,13 @@ class Lab:
                   "", "### Config", "", "```json", json.dumps(self.config, indent=2,
                                                                 default=_jsonable), "```", ""]
         text = "\n".join(lines)
-        _atomic_write(self.out / "report.md", lambda f: f.write(text.encode("utf-8")))
+        atomic_write(self.out / "report.md", lambda f: f.write(text.encode("utf-8")))
         results = {"experiment": self.experiment, "config": self.config, "numbers": numbers,
                    "conclusion": conclusion, "cells": {"computed": self.computed,
                                                        "cached": self.cached},
                    "wall_time_s": wall, **env}
         blob = json.dumps(results, indent=2, default=_jsonable) + "\n"
-        _atomic_write(self.out / "results.json", lambda f: f.write(blob.encode("utf-8")))
+        atomic_write(self.out / "results.json", lambda f: f.write(blob.encode("utf-8")))
         return self.out / "report.md"
 
 

@@ -5,9 +5,9 @@
   them, cached on disk.  A head trained on them is ``optimlab train --fine-tune-mode
   last-linear-layer`` with dropout 0 and the encoder's forward pass done once instead of every
   epoch: seconds instead of minutes on a CPU.
-* `fit`: the loop of ``optimlab train`` (seeded batch order from `length_grouped_batches`, one
-  `accumulate_and_step` per update, the warmup/decay `_Schedule` as a LambdaLR, gradient
-  clipping) for any model, any loss, any optimizer, with per-update hooks.
+* `fit`: ``optimlab train``'s loop itself (`optimlab.loop.Fit`: a seeded batch order per
+  epoch, one `accumulate_and_step` per update, the warmup/decay schedule, gradient clipping)
+  for any model, any loss, any optimizer, with per-update hooks.
 * `lm_corpus` and `tiny_lm`: a small GPT-2 (optimlab.models.gpt2, random init) trained from
   scratch as a language model on SST sentences, with the vocabulary cut to the tokens that
   occur (a few thousand instead of MiniLM's 30,522), for the warmup experiment.
@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._run import atomic_save
 from ..data import TASKS, load_split
-from ..sam import accumulate_and_step
-from ..train import _Schedule, _epoch_generator, atomic_save, length_grouped_batches
+from ..loop import Fit, epoch_batches, updates_per_epoch, warmup_updates
+from ..loop import schedule as lr_schedule
 
 __all__ = ["sst_features", "linear_head", "fit", "evaluate", "lm_corpus", "tiny_lm", "lm_loss",
            "FEATURE_MODEL"]
@@ -139,47 +139,37 @@ def fit(model: nn.Module, optimizer, batches_of: Callable[[list[int]], Any], n: 
         evaluate_fn: Callable[[nn.Module], dict] | None = None,
         step: Callable[[nn.Module, Any, list], float] | None = None,
         after_step: Callable[[int, float], None] | None = None) -> FitResult:
-    """``optimlab train``'s loop on ``n`` examples: each epoch a seeded shuffled batch order
-    (`length_grouped_batches`, no length grouping), one `accumulate_and_step` per batch (or
+    """``optimlab train``'s loop (`optimlab.loop.Fit`) on ``n`` examples: each epoch a seeded
+    shuffled batch order (no length grouping), one `accumulate_and_step` per batch (or
     ``step(model, optimizer, [batch])`` to replace it), then the schedule (``warmup``: fraction
     of the updates, or a number >= 1; linear/cosine decay or constant) and ``after_step(t,
     loss)``.  ``batches_of(indices)`` builds a batch.  Stops early when the loss is not finite
     (``diverged``)."""
-    per_epoch = math.ceil(n / batch_size)
-    total = per_epoch * epochs
-    n_warm = round(warmup * total) if warmup < 1 else int(warmup)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _Schedule(total, n_warm, schedule))
-    history, losses, t = [], [], 0
-    diverged = False
-    model.train()
-    for epoch in range(epochs):
-        plan = length_grouped_batches([1] * n, batch_size, _epoch_generator(seed, epoch),
-                                      group_by_length=False)
-        seen, loss_sum = 0, 0.0
-        for idx in plan:
-            batch = batches_of(idx)
-            if step is None:
-                loss = accumulate_and_step(model, optimizer, [batch], loss_fn,
-                                           max_grad_norm=max_grad_norm)
-            else:
-                loss = step(model, optimizer, [batch])
-            scheduler.step()
-            losses.append(loss)
-            if after_step is not None:
-                after_step(t, loss)
-            t += 1
-            seen += len(idx)
-            loss_sum += loss * len(idx)
-            if not math.isfinite(loss):
-                diverged = True
-                break
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen)}
-        if evaluate_fn is not None and not diverged:
+    total = updates_per_epoch(n, batch_size) * epochs
+    scheduler = lr_schedule(optimizer, total=total, warmup=warmup_updates(warmup, total),
+                            kind=schedule)
+    history: list[dict] = []
+    losses: list[float] = []
+
+    def should_stop(fit: Fit, loss: float) -> bool:
+        losses.append(loss)
+        if after_step is not None:
+            after_step(fit.pos.step - 1, loss)
+        return False
+
+    def on_epoch_end(fit: Fit, rec) -> None:
+        record = {"epoch": rec.epoch, "train_loss": rec.train_loss}
+        if evaluate_fn is not None and not rec.diverged:
             record.update({f"dev_{k}": v for k, v in evaluate_fn(model).items()})
         history.append(record)
-        if diverged:
-            break
-    return FitResult(history, losses, diverged)
+
+    loop = Fit(model, optimizer, scheduler, epochs=epochs,
+               plan=lambda epoch: epoch_batches([1] * n, batch_size, seed, epoch,
+                                                group_by_length=False),
+               micro_batches=lambda idx: ([batches_of(idx)], len(idx)), loss_fn=loss_fn,
+               step=step, max_grad_norm=max_grad_norm, stop_on_nonfinite=True)
+    status = loop.run(should_stop=should_stop, on_epoch_end=on_epoch_end)
+    return FitResult(history, losses, status == "diverged")
 
 
 # ---------------------------------------------------------------------- a small LM from scratch

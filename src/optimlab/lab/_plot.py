@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .._run import atomic_write
+
 __all__ = ["plt", "save"]
 
 
@@ -30,14 +32,10 @@ plt = _Lazy()
 
 
 def save(fig, path: str | os.PathLike) -> Path:
-    """``fig`` as a PNG at ``path`` (a temporary file, then a rename), and close it."""
+    """``fig`` as a PNG at ``path`` (written atomically), and close it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: fig.savefig(f, format="png"))
     finally:
-        tmp.unlink(missing_ok=True)
         plt.close(fig)
     return path

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..registry import get_spec, list_optimizers, param_groups_weight_decay
+from ..registry import create_optimizer, list_optimizers, param_groups_weight_decay
 from ..train import default_lr
 from ._core import Cell, Lab, fmt, how_measured, mean, std
 from ._data import FEATURE_MODEL, evaluate, fit, linear_head, sst_features
@@ -33,11 +33,8 @@ FULL = dict(n_train=None, n_dev=None, epochs=6, batch_size=32,
 
 def build(name: str, model, lr: float, weight_decay: float = 0.01):
     """The optimizer ``optimlab train --optimizer NAME --lr LR`` builds."""
-    spec = get_spec(name)
-    options = dict(spec.defaults)
-    if name == "adafactor":
-        options.update(relative_step=False, scale_parameter=False)
-    return spec.cls(param_groups_weight_decay(model, weight_decay), lr=lr, **options)
+    return create_optimizer(param_groups_weight_decay(model, weight_decay), name, lr=lr,
+                            scheduled=True)
 
 
 def run(opts):

@@ -25,9 +25,8 @@ import contextlib
 
 import torch
 
-from ..adafactor import Adafactor
 from ..adam import AdamW
-from ..registry import param_groups_weight_decay
+from ..registry import create_optimizer, param_groups_weight_decay
 from ..sgd import SGD
 from ..train import default_lr
 from ._core import Cell, Lab, fmt, how_measured, mean, std
@@ -50,8 +49,8 @@ def make_optimizer(name: str, groups, lr: float):
         return AdamW(groups, lr=lr,
                      state_dtype=torch.bfloat16 if name == "adamw-bf16" else None)
     if name.startswith("adafactor"):
-        return Adafactor(groups, lr=lr, relative_step=False, scale_parameter=False,
-                         beta1=0.9 if name == "adafactor+beta1" else None)
+        return create_optimizer(groups, "adafactor", lr=lr, scheduled=True,
+                                beta1=0.9 if name == "adafactor+beta1" else None)
     return SGD(groups, lr=lr, momentum=0.9)
 
 
