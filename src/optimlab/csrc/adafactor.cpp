@@ -31,18 +31,28 @@ struct AfTensor {
   double rho, weight;      // rho_t, and t^c (beta2_t = 1 - t^c)
 };
 
+// g <- sign g (+ l2 theta): a select, so that fma(0, inf, g) is computed and dropped.  Each loop
+// takes a local copy: read through `this`, its fields could alias the arrays the loop writes,
+// and GCC would run the scalar version of the loop.
+template <typename T>
+struct Grad {
+  T sign, l2;
+  int has_l2;              // int, not bool: GCC does not vectorize a select on a bool
+  inline T operator()(T g, T p) const {
+    T sg = sign * g, with = fma(l2, p, sg);
+    return has_l2 != 0 ? with : sg;
+  }
+};
+
 template <typename T>
 struct Adafactor {
   // hyper-parameters (AdafactorHyper) and what they make of the decay
   double eps1, eps2, clip, beta1, lam, factor;
-  bool after, add_form, scale, grad_sq, of_update, has_beta1, by_alpha, has_l2;
+  bool after, add_form, scale, grad_sq, of_update, has_beta1, by_alpha;
+  int has_l2;
   T sign, l2;              // g <- sign g (+ l2 theta)
 
-  // the gradient the algorithm sees (a select: fma(0, inf, g) is computed and dropped)
-  inline T grad(T g, T p) const {
-    T sg = sign * g, with = fma(l2, p, sg);
-    return has_l2 ? with : sg;
-  }
+  Grad<T> gradient() const { return {sign, l2, has_l2}; }
 
   // per-tensor scalars between the passes
   struct Scal {
@@ -55,7 +65,7 @@ struct Adafactor {
     T k_step, k_avg, b1;   // clamp layout: the step sizes the reference passes as alpha=
     T one_minus_b1;        // 1 - beta1 rounded once from double, as torch rounds alpha=
     T pre_mul, pre_add, post_mul, post_add;   // theta*mul or fma(add, theta, theta)
-    bool pre_is_add, post_is_add;             // ... before/after the step
+    int pre_is_add, post_is_add;              // ... before/after the step (int: see has_l2)
     bool factorized;       // U = (r_i c_j) G  (always with grad_sq; clamp where it cannot bind)
   };
 
@@ -81,11 +91,12 @@ struct Adafactor {
   // The column sums and w_j are summed in T over blocks of up to 16 rows, each block's sums
   // then added into double: a vector add per element instead of two conversions and two
   // double adds (pass 1 reads p and g from memory; the sums must not slow it down).
-  template <bool READP>
+  template <bool READP, bool L2>
   void pass1_rows(const AfTensor<T>& t, const Scal& sc, int64_t r0, int64_t r1,
                   double& sum_p2, double* rowsum, double* colacc, double* wacc) const {
     constexpr int64_t BLOCK = 16;
-    const T e1 = grad_sq ? T(eps1) : T(0);
+    const T sg = sign, l = l2;           // locals (see Grad); the L2 term at compile time: a
+    const T e1 = grad_sq ? T(eps1) : T(0);   // runtime select keeps this reduction scalar
     const bool wsmall = std::abs(sc.weight) < T(0.5);
     std::vector<T> cbuf(size_t(2 * t.m), T(0));
     T* __restrict cb = cbuf.data();
@@ -115,7 +126,7 @@ struct Adafactor {
 #pragma omp simd reduction(+ : rs, ps)
       for (int64_t j = 0; j < t.m; j++) {
         T pj = READP ? p[j] : T(0);
-        T gi = grad(g[j], pj);
+        T gi = L2 ? fma(l, pj, sg * g[j]) : sg * g[j];
         T sq = gi * gi + e1;               // + eps1 with grad_sq (exact + 0 otherwise)
         rs += sq;
         ps += pj * pj;
@@ -127,7 +138,7 @@ struct Adafactor {
 #pragma omp simd
       for (int64_t j = 0; j < t.m; j++) {  // the row is in L1
         T pj = READP ? p[j] : T(0);
-        T gi = grad(g[j], pj);
+        T gi = L2 ? fma(l, pj, sg * g[j]) : sg * g[j];
         wb[j] += (gi * gi) * inv;
       }
     }
@@ -146,8 +157,9 @@ struct Adafactor {
       }
       return;
     }
-    if (scale || has_l2) pass1_rows<true>(t, sc, r0, r1, sum_p2, rowsum, colacc, wacc);
-    else pass1_rows<false>(t, sc, r0, r1, sum_p2, rowsum, colacc, wacc);
+    if (has_l2) pass1_rows<true, true>(t, sc, r0, r1, sum_p2, rowsum, colacc, wacc);
+    else if (scale) pass1_rows<true, false>(t, sc, r0, r1, sum_p2, rowsum, colacc, wacc);
+    else pass1_rows<false, false>(t, sc, r0, r1, sum_p2, rowsum, colacc, wacc);
     if (!scale) sum_p2 = 0;
   }
 
@@ -277,6 +289,7 @@ struct Adafactor {
 
   double pass2(const AfTensor<T>& t, const Scal& sc, const T* rfac, const T* cfac,
                int64_t r0, int64_t r1) const {
+    const Grad<T> grad = gradient();
     if (t.m == 0) {                      // small vectors: plain loop
       double acc = 0;
       const T e2 = T(eps1 * eps1);
@@ -328,7 +341,7 @@ struct Adafactor {
   template <bool GS, int MOM, bool DIV = true>
   static inline T apply(T pi, T u, T* __restrict ea, int64_t j, const Scal& sc) {
     T pa = fma(sc.pre_add, pi, pi), pm = pi * sc.pre_mul;
-    pi = sc.pre_is_add ? pa : pm;
+    pi = sc.pre_is_add != 0 ? pa : pm;
     if (GS) {
       if (DIV) u = u / sc.clip_div;
       if (MOM == 0) {
@@ -356,13 +369,15 @@ struct Adafactor {
       }
     }
     T qa = fma(sc.post_add, pi, pi), qm = pi * sc.post_mul;
-    return sc.post_is_add ? qa : qm;
+    return sc.post_is_add != 0 ? qa : qm;
   }
 
   // ---- pass 3: the update
   template <bool GS, bool PRODUCT, int MOM, bool DIV>
-  void pass3_rows(const AfTensor<T>& t, const Scal& sc, const T* rfac, const T* cfac,
+  void pass3_rows(const AfTensor<T>& t, const Scal& scal, const T* rfac, const T* cfac,
                   int64_t r0, int64_t r1) const {
+    const Grad<T> grad = gradient();
+    const Scal sc = scal;                // local copies (see Grad)
     const T e2 = T(eps1 * eps1);
     for (int64_t r = r0; r < r1; r++) {
       T* __restrict p = t.p + r * t.m;
@@ -396,7 +411,9 @@ struct Adafactor {
   }
 
   template <bool GS, int MOM>
-  void pass3_vec(const AfTensor<T>& t, const Scal& sc, int64_t r0, int64_t r1) const {
+  void pass3_vec(const AfTensor<T>& t, const Scal& scal, int64_t r0, int64_t r1) const {
+    const Grad<T> grad = gradient();
+    const Scal sc = scal;                // local copies (see Grad)
     const T e2 = T(eps1 * eps1);
     for (int64_t i = r0; i < r1; i++) {
       T pi = t.p[i];

@@ -224,14 +224,14 @@ bool finite_bits(const U* x, int64_t n) {
 // as Adam's: the README's Performance section).
 template <typename T> struct Decay {
   T sign, l2, pre_mul, post_mul, coef;
-  bool has_l2, pre_add, post_add;
+  int has_l2, pre_add, post_add;   // int, not bool: GCC does not vectorize a select on a bool
   Decay(int64_t maximize, const WeightDecay& d)
       : sign(maximize ? T(-1) : T(1)), l2(T(d.l2)), pre_mul(T(1)), post_mul(T(1)), coef(T(0)),
-        has_l2(d.l2 != 0), pre_add(false), post_add(false) {
+        has_l2(d.l2 != 0), pre_add(0), post_add(0) {
     const double c = d.factor * d.lam;
     if (d.lam != 0) {
       if (d.form == 1) {                         // ShrinkForm.ADD: p.add_(p, alpha=-c)
-        (d.after ? post_add : pre_add) = true;
+        (d.after ? post_add : pre_add) = 1;
         coef = T(-c);
       } else {                                   // ShrinkForm.MULTIPLY: p.mul_(1 - c)
         (d.after ? post_mul : pre_mul) = T(1 - c);
@@ -240,15 +240,15 @@ template <typename T> struct Decay {
   }
   inline T grad(T g, T p) const {
     T sg = sign * g, with = fma(l2, p, sg);
-    return has_l2 ? with : sg;
+    return has_l2 != 0 ? with : sg;
   }
   inline T before(T p) const {
     T a = fma(coef, p, p), m = p * pre_mul;
-    return pre_add ? a : m;
+    return pre_add != 0 ? a : m;
   }
   inline T after(T p) const {
     T a = fma(coef, p, p), m = p * post_mul;
-    return post_add ? a : m;
+    return post_add != 0 ? a : m;
   }
 };
 

@@ -8,7 +8,8 @@ namespace {
 
 template <typename T, bool MOM>
 void sgd_range(T* __restrict p, const T* __restrict g, T* __restrict b, int64_t n,
-               const Decay<T> dc, T neg_lr, T mom, T one_minus_damp, bool first, bool nesterov) {
+               const Decay<T> dc, T neg_lr, T mom, T one_minus_damp, int first, int nesterov) {
+  // first, nesterov: int, not bool (GCC does not vectorize a select on a bool)
 #pragma omp simd
   for (int64_t i = 0; i < n; i++) {
     T pi = p[i];
@@ -16,9 +17,9 @@ void sgd_range(T* __restrict p, const T* __restrict g, T* __restrict b, int64_t 
     pi = dc.before(pi);
     T d = gi;
     if (MOM) {
-      T bi = first ? gi : fma(one_minus_damp, gi, b[i] * mom);  // b.mul_(mu).add_(g, 1-tau)
+      T bi = first != 0 ? gi : fma(one_minus_damp, gi, b[i] * mom);  // b.mul_(mu).add_(g, 1-tau)
       b[i] = bi;
-      d = nesterov ? fma(mom, bi, gi) : bi;                      // g.add(b, alpha=mu) or b
+      d = nesterov != 0 ? fma(mom, bi, gi) : bi;                 // g.add(b, alpha=mu) or b
     }
     pi = fma(neg_lr, d, pi);                                     // p.add_(d, alpha=-lr)
     p[i] = dc.after(pi);
@@ -29,11 +30,12 @@ template <typename T>
 void sgd(const SGDHyper& hp, const SGDTensor* t, int64_t n, int64_t nthreads) {
   const Decay<T> dc(hp.maximize, hp.decay);
   const T neg_lr = T(-hp.lr), mom = T(hp.momentum), one_minus_damp = T(1 - hp.dampening);
-  const bool momentum = hp.momentum != 0, nesterov = hp.nesterov != 0;
+  const bool momentum = hp.momentum != 0;
+  const int nesterov = hp.nesterov != 0;
   for_tensor_chunks(t, n, nthreads, [&](int64_t k, int64_t s, int64_t e) {
     T* p = static_cast<T*>(t[k].param) + s;
     const T* g = static_cast<const T*>(t[k].grad) + s;
-    const bool first = t[k].first != 0;
+    const int first = t[k].first != 0;
     if (momentum)
       sgd_range<T, true>(p, g, static_cast<T*>(t[k].momentum_buffer) + s, e - s, dc, neg_lr,
                          mom, one_minus_damp, first, nesterov);
