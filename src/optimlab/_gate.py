@@ -84,30 +84,39 @@ def dense(t: torch.Tensor, like: torch.Tensor | None = None) -> bool:
     return True
 
 
-def _uniform(params: Sequence[torch.Tensor], states: Sequence[dict]) -> Bucket | None:
+def _uniform(params: Sequence[torch.Tensor], states: Sequence[dict]
+             ) -> list[tuple[Bucket, list[int] | None]] | None:
     """The common case in one cheap pass: every tensor plain and contiguous on the CPU, the
-    parameters and gradients of one dtype, every state with the same tensor keys and dtypes.
-    Returns the one bucket's key, or None (then `buckets` looks at each tensor)."""
-    p0, s0 = params[0], states[0]
+    parameters and gradients of one dtype; the buckets are then the states' signatures (one,
+    or e.g. Adafactor's factored and unfactored states).  None when any tensor is not of that
+    case (then `buckets` looks at each tensor)."""
+    p0 = params[0]
     if not p0.is_cpu:
         return None
     dtype = p0.dtype
-    sig = tuple((k, v.dtype) for k, v in s0.items() if isinstance(v, _Tensor))
-    n = len(s0)
-    for p, st in zip(params, states):
+    sigs: dict[tuple, tuple[tuple, list[int]]] = {}
+    for i, (p, st) in enumerate(zip(params, states)):
         g = p.grad
         tp = type(p)
         if (tp is not _Parameter and tp is not _Tensor) or type(g) is not _Tensor or \
                 p.dtype is not dtype or g.dtype is not dtype or not p.is_cpu or \
-                len(st) != n or not p.is_contiguous() or not g.is_contiguous() or \
-                p.numel() == 0 or p.layout is not _STRIDED or p.is_neg() or g.is_neg():
+                not p.is_contiguous() or not g.is_contiguous() or p.numel() == 0 or \
+                p.layout is not _STRIDED or p.is_neg() or g.is_neg():
             return None
-        for k, dt in sig:
-            v = st.get(k)
+        names = tuple(st)
+        entry = sigs.get(names)
+        if entry is None:
+            entry = sigs[names] = (tuple((k, v.dtype) for k, v in st.items()
+                                         if isinstance(v, _Tensor)), [])
+        for k, dt in entry[0]:
+            v = st[k]
             if type(v) is not _Tensor or v.dtype is not dt or not v.is_contiguous() or \
                     v.is_neg():
                 return None
-    return Bucket(p0.device, dtype, dtype, sig, True, "contiguous")
+        entry[1].append(i)
+    whole = len(sigs) == 1
+    return [(Bucket(p0.device, dtype, dtype, sig, True, "contiguous"), None if whole else idx)
+            for sig, idx in sigs.values()]
 
 
 def _key(p: torch.Tensor, st: dict) -> Bucket:
@@ -136,11 +145,11 @@ def buckets(params: Sequence[torch.Tensor], states: Sequence[dict]
             ) -> list[tuple[Bucket, list[int] | None]]:
     """The parameters (which all have a gradient) in buckets that one kernel call can take:
     ``(key, indices)``, indices None for "all of them" (the common case, found in one cheap
-    pass).  One odd tensor (a subclass, another dtype or layout) gets a bucket of its own
+    pass, `_uniform`).  One odd tensor (a subclass, another dtype or layout) gets a bucket of its own
     and does not keep its neighbours off a fast kernel."""
-    key = _uniform(params, states)
-    if key is not None:
-        return [(key, None)]
+    cheap = _uniform(params, states)
+    if cheap is not None:
+        return cheap
     out: dict[Bucket, list[int]] = {}
     for i, (p, st) in enumerate(zip(params, states)):
         out.setdefault(_key(p, st), []).append(i)

@@ -620,14 +620,16 @@ class Adafactor(Optimizer):
             for gi, (group, params) in enumerate(live):
                 hp = self.Hyper.of(group, params)
                 states = self._group_states(group, params, fresh)
-                buckets = _gate.buckets(params, states)
-                if len(buckets) != 1 or self._cpu_refusal(buckets[0][0], hp) is not None:
-                    return None
-                key = buckets[0][0]
-                keys.add(key[:3])                 # one call takes one dtype combination
                 scalars = self._scalars(hp, params, states, gi)
+                # factored and unfactored tensors are buckets of their own (their state keys
+                # differ); the kernel takes them all in one call of one dtype combination
+                for key, idx in _gate.buckets(params, states):
+                    if self._cpu_refusal(key, hp) is not None:
+                        return None
+                    keys.add((key.param_dtype, key.grad_dtype, key.state_dtype(self.fused.state)))
+                    pick = (lambda xs: xs) if idx is None else (lambda xs: [xs[i] for i in idx])
+                    rows.extend(self._fused_rows(pick(params), pick(states), pick(scalars), key))
                 hps.append(hp)
-                rows.extend(self._fused_rows(params, states, scalars, key))
                 parts.append((params, states))
             if len(keys) != 1:
                 return None
