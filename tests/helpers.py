@@ -118,3 +118,37 @@ def max_state_diff(oa, pa, ob, pb, key_map: dict, reshape: bool = False,
             else:
                 worst = max(worst, abs(float(va) - float(vb)))
     return worst
+
+
+# --------------------------------------------------------------------------- gloo workers
+def init_gloo(rank: int, world: int, port: int) -> None:
+    """Join a gloo process group on localhost (a worker of `run_workers`), one intra-op thread."""
+    import os
+    from datetime import timedelta
+    torch.set_num_threads(1)
+    if "GLOO_SOCKET_IFNAME" not in os.environ and os.path.exists("/sys/class/net/lo"):
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                         rank=rank, world_size=world,
+                                         timeout=timedelta(seconds=60))
+
+
+def run_workers(worker: Callable, world: int, out_dir, timeout: float) -> None:
+    """``worker(rank, world, port, out_dir)`` in ``world`` spawned processes; fails the test
+    (killing them) when they do not finish within ``timeout`` seconds."""
+    import socket
+    import time
+
+    import pytest
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = torch.multiprocessing.start_processes(worker, args=(world, port, str(out_dir)),
+                                                nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.kill()
+            pytest.fail(f"the {world} workers did not finish within {timeout:.0f} s")

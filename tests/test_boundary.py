@@ -16,13 +16,10 @@ per-tensor operations: exactly equal too.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 import warnings
-from datetime import timedelta
 
 import pytest
 import torch
@@ -30,6 +27,7 @@ import torch.nn as nn
 
 import optimlab
 from optimlab import _ext, _gate
+from tests.helpers import init_gloo, run_workers
 
 A = optimlab
 # every optimizer with options that exercise its decay, momentum and eps choices
@@ -214,12 +212,8 @@ def test_meta_parameters_step_under_the_default_check(name, make, impl):
 
 
 def _fsdp_worker(rank, world, port, out_dir):
-    torch.set_num_threads(1)
-    if "GLOO_SOCKET_IFNAME" not in os.environ and os.path.exists("/sys/class/net/lo"):
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    init_gloo(rank, world, port)
     dist = torch.distributed
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
     from torch.distributed.fsdp import fully_shard
     try:
         results = {}
@@ -249,12 +243,6 @@ def _fsdp_model():
     return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))   # 7 and 3 rows: uneven
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not torch.distributed.is_available() or
                     not torch.distributed.is_gloo_available(), reason="needs gloo")
 def test_fsdp2_parameters_do_not_crash_the_first_step(tmp_path):
@@ -263,16 +251,7 @@ def test_fsdp2_parameters_do_not_crash_the_first_step(tmp_path):
     data pointer is 0.  DTensors never reach a fused kernel: every optimizer steps (the
     reference kernel on the DTensors), equal to a one-process run of the same global batch to
     float rounding; Adafactor says it does not take DTensors."""
-    ctx = torch.multiprocessing.start_processes(
-        _fsdp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False,
-        start_method="spawn")
-    deadline = time.monotonic() + 150
-    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                if proc.is_alive():
-                    proc.kill()
-            pytest.fail("the FSDP2 workers did not finish within 150 s")
+    run_workers(_fsdp_worker, 2, tmp_path, timeout=150)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     for name, make in OPTIMIZERS:
         if name == "adafactor":

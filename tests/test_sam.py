@@ -15,17 +15,14 @@ import copy
 import io
 import math
 import os
-import socket
-import time
 import warnings
-from datetime import timedelta
 
 import pytest
 import torch
 
 import optimlab
 from optimlab import SAM, accumulate_and_step
-from tests.helpers import max_param_diff
+from tests.helpers import init_gloo, max_param_diff, run_workers
 
 TOL = 1e-6
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -585,12 +582,8 @@ def _ddp_opt(params, perturbation="global"):
 
 
 def _ddp_worker(rank, world, port, out_dir):
-    torch.set_num_threads(1)
-    if "GLOO_SOCKET_IFNAME" not in os.environ and os.path.exists("/sys/class/net/lo"):
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    init_gloo(rank, world, port)
     dist = torch.distributed
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
     try:
         results = {}
         for mode in ("global", "local"):
@@ -607,12 +600,6 @@ def _ddp_worker(rank, world, port, out_dir):
         dist.barrier()          # no rank tears gloo down while its peer is still talking
     finally:
         dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _local_reference():
@@ -648,16 +635,7 @@ def _local_reference():
 @pytest.mark.skipif(not torch.distributed.is_available() or
                     not torch.distributed.is_gloo_available(), reason="needs gloo")
 def test_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path):
-    mp = torch.multiprocessing
-    ctx = mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                if proc.is_alive():
-                    proc.kill()
-            pytest.fail("the DDP workers did not finish within 120 s")
+    run_workers(_ddp_worker, 2, tmp_path, timeout=120)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
 
     single = mlp()                   # one process, the 14-example global batch

@@ -226,7 +226,7 @@ class Optimizer(torch.optim.Optimizer):
                          state_dtype=codes.get(key.state_dtype(self.fused.state), 0),
                          threads=torch.get_num_threads(), **kw)
 
-    def _cpu_refusal(self, key: _gate.Bucket, hp) -> str | None:
+    def _cpu_refusal(self, key: _gate.Bucket) -> str | None:
         """Why optimlab's CPU kernel cannot take a bucket, or None."""
         spec = self.fused
         if spec is None:
@@ -274,12 +274,9 @@ class Optimizer(torch.optim.Optimizer):
             else:
                 part = ([params[i] for i in idx], [states[i] for i in idx],
                         [scalars[i] for i in idx])
-            path = "foreach" if self.impl == "foreach" or key.device.type != "cpu" \
-                else "reference"
-            if path == "foreach" and _gate.shares_memory(part[0], part[1]):
-                path = "reference"            # the multi-tensor order would differ
+            path = None
             if self.impl in ("auto", "fused"):
-                reason = self._cpu_refusal(key, hp)
+                reason = self._cpu_refusal(key)
                 if reason is None:
                     path = "fused-cpu"
                 else:
@@ -291,6 +288,11 @@ class Optimizer(torch.optim.Optimizer):
                     elif self.impl == "fused":
                         raise RuntimeError(f"{type(self).__name__}(impl='fused'): {reason}; use "
                                            "impl='auto' to fall back to foreach")
+            if path is None:
+                path = "foreach" if self.impl == "foreach" or key.device.type != "cpu" \
+                    else "reference"
+                if path == "foreach" and _gate.shares_memory(part[0], part[1]):
+                    path = "reference"            # the multi-tensor order would differ
             plan.append((path, key, part))
         for path, key, (ps, sts, sc) in plan:
             if path == "fused-cpu" and self._run_cpu(key, hp, ps, sts, sc):

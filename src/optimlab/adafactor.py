@@ -624,7 +624,7 @@ class Adafactor(Optimizer):
                 # factored and unfactored tensors are buckets of their own (their state keys
                 # differ); the kernel takes them all in one call of one dtype combination
                 for key, idx in _gate.buckets(params, states):
-                    if self._cpu_refusal(key, hp) is not None:
+                    if self._cpu_refusal(key) is not None:
                         return None
                     keys.add((key.param_dtype, key.grad_dtype, key.state_dtype(self.fused.state)))
                     pick = (lambda xs: xs) if idx is None else (lambda xs: [xs[i] for i in idx])
