@@ -461,3 +461,20 @@ def test_compat_hf_needs_lr_without_relative_step():
         ref.step()
     with pytest.raises(ValueError, match="Invalid lr"):
         compat.hf.Adafactor([p], relative_step=False)
+
+
+def test_clamp_placement_refuses_an_eps1_whose_square_underflows():
+    """eps1=1e-30 (the paper's, right for eps1_placement='grad_sq') with the clamp placement:
+    eps1**2 underflows to 0 in float32 and a zero gradient row gave NaN on the first step.  It
+    is refused, naming what works; float64 represents it, and eps1=None is machine epsilon."""
+    def step(eps, dtype=torch.float32):
+        p = torch.nn.Parameter(torch.ones(3, 4, dtype=dtype))
+        opt = optimlab.Adafactor([p], eps=eps, eps1_placement="clamp")
+        p.grad = torch.zeros(3, 4, dtype=dtype)
+        opt.step()
+        return p
+    with pytest.raises(ValueError, match=r"eps\[0\]: 1e-30 .* underflows in float32.*eps=\(None"):
+        step((1e-30, 1e-3))
+    assert torch.isfinite(step((1e-30, 1e-3), torch.float64)).all()
+    assert torch.isfinite(step((None, 1e-3))).all()
+    assert torch.isfinite(step((1e-15, 1e-3))).all()

@@ -50,3 +50,11 @@ def test_targets_compare_each_family_with_its_own_torch_rows():
                "(nonfinite='ignore'): 0.90x (target <= 1.0x) met; default nonfinite='skip' 1.20x"
                in line for line in lines), lines
     assert any("AdamW effective bandwidth: 40.0 GB/s = 80% of copy" in line for line in lines)
+
+
+def test_bench_rejects_an_unwritable_json_path_before_it_times_anything(capsys, tmp_path):
+    for bad in (tmp_path / "missing" / "out.json", tmp_path):
+        assert cli.main(["bench", "--suite", "small", "--json", str(bad)]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.count("\n") == 1 and "not a file that can be written" in captured.err
+        assert captured.out == ""                  # nothing was benchmarked first

@@ -45,9 +45,9 @@ def test_shipped_files_are_package_data():
 def test_sst_first_rows():
     dev = load_split("sst", "dev")
     assert dev[0] == Record("a7d575c9ed86ea9633660c67e",
-                            "It 's a lovely film with lovely performances by Buy and Accorsi .", 3)
+                            "It 's a lovely film with lovely performances by Buy and Accorsi .", 3, 2)
     assert load_split("sst", "train")[-1] == Record("69121a33e2470c0b0b28cceee",
-                                                    "In this case zero .", 1)
+                                                    "In this case zero .", 1, 8545)
 
 
 def test_cfimdb_quoted_rows_parse():
@@ -82,8 +82,8 @@ def write(tmp_path, name, text):
 
 def test_user_tsv(tmp_path):
     p = write(tmp_path, "mine.tsv", "text\tlabel\ngreat film\t1\n  awful  \t0\n\nmeh, ok\t2.0\n")
-    assert load_file(p) == [Record("0", "great film", 1), Record("1", "awful", 0),
-                            Record("2", "meh, ok", 2)]
+    assert load_file(p) == [Record("0", "great film", 1, 2), Record("1", "awful", 0, 3),
+                            Record("2", "meh, ok", 2, 5)]       # line 4 is blank
 
 
 def test_user_csv_with_quotes_and_ids(tmp_path):
@@ -93,21 +93,22 @@ def test_user_csv_with_quotes_and_ids(tmp_path):
               'b,"She said ""wow"", twice",0\n'
               'c,"two\nlines",1\n')
     records = load_file(p, num_labels=2)
-    assert records == [Record("a", "Fine, really fine", 1),
-                       Record("b", 'She said "wow", twice', 0),
-                       Record("c", "two\nlines", 1)]
+    assert records == [Record("a", "Fine, really fine", 1, 2),
+                       Record("b", 'She said "wow", twice', 0, 3),
+                       Record("c", "two\nlines", 1, 4)]          # it starts on line 4
 
 
 def test_user_file_without_labels(tmp_path):
     p = write(tmp_path, "unlabeled.csv", "sentence\nfirst one\nsecond, with a comma\n")
-    assert load_file(p) == [Record("0", "first one", None), Record("1", "second, with a comma", None)]
+    assert load_file(p) == [Record("0", "first one", None, 2),
+                            Record("1", "second, with a comma", None, 3)]
     with pytest.raises(ValueError, match=r"unlabeled\.csv, line 1: no label column"):
         load_file(p, require_labels=True)
 
 
 def test_user_file_delimiter_override(tmp_path):
     p = write(tmp_path, "semi.txt", "text;label\nhello;1\n")
-    assert load_file(p, delimiter=";") == [Record("0", "hello", 1)]
+    assert load_file(p, delimiter=";") == [Record("0", "hello", 1, 2)]
 
 
 @pytest.mark.parametrize("name,content,line,message", [
@@ -150,5 +151,5 @@ def test_line_numbers_count_multiline_fields(tmp_path):
 def test_shipped_format_through_load_file(tmp_path):
     # The shipped layout (index column, tab-separated, .csv extension) is sniffed as TSV.
     p = write(tmp_path, "ids-like.csv", "\tid\tsentence\tsentiment\n0\tx1\t A film .\t4\n")
-    assert load_file(p, num_labels=5) == [Record("x1", "A film .", 4)]
+    assert load_file(p, num_labels=5) == [Record("x1", "A film .", 4, 2)]
     assert SPLITS == ("train", "dev", "test-student")

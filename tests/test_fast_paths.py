@@ -95,7 +95,7 @@ CASES = [
                                                          eps1_placement="clamp", weight_decay=0.1,
                                                          decay_scale="lr", upcast=False, **k)),
     ("adafactor-clamp-beta1-warmup", lambda p, **k: A.Adafactor(
-        p, eps=(1e-30, 1e-3), eps1_placement="clamp", beta1=0.9, momentum_of="update",
+        p, eps=(1e-15, 1e-3), eps1_placement="clamp", beta1=0.9, momentum_of="update",
         warmup_init=True, **k)),
 ]
 IDS = [c[0] for c in CASES]

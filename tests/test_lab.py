@@ -170,6 +170,15 @@ def test_rerun_skips_finished_cells(runs, base, capsys):
     lab, _ = run_experiment(LabOptions("epsilon", quick=True, out=str(out), progress=False))
     assert (lab.computed, lab.cached) == (1, 5) and victim.is_file()
     assert strip((out / "report.md").read_text()) == strip(report)     # deterministic cells
+    # cells that are valid JSON but not this cell's (a list, no result, another cell's): each
+    # is computed again, no traceback
+    files = sorted((out / "cells").glob("*.json"))
+    files[0].write_text("[]")
+    files[1].write_text('{"result": 5}')
+    files[2].write_text(files[3].read_text())
+    lab, _ = run_experiment(LabOptions("epsilon", quick=True, out=str(out), progress=False))
+    assert (lab.computed, lab.cached) == (3, 3)
+    assert strip((out / "report.md").read_text()) == strip(report)
     # more seeds: the finished cells are reused, only the new seed's are computed
     lab, _ = run_experiment(LabOptions("epsilon", quick=True, out=str(out), seeds=2,
                                        progress=False))

@@ -345,12 +345,22 @@ def test_torchrun_two_processes_equal_one_process(tiny_nodrop, tmp_path, capsys)
 
 # ------------------------------------------------------------------ bad input: one line, exit 2
 @pytest.fixture
-def bad_files(tmp_path):
+def bad_files(tmp_path, tiny):
     (tmp_path / "no_text.tsv").write_text("id\tfoo\tlabel\n1\thello\t0\n")
     (tmp_path / "bad_label.tsv").write_text("sentence\tlabel\nfine film\tgreat\n")
     (tmp_path / "ok.tsv").write_text("sentence\tlabel\nfine film\t1\nawful\t0\n")
+    (tmp_path / "gap.tsv").write_text("sentence\tlabel\nfine film\t1\nawful\t0\ntypo\t99\n")
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "nomodel").mkdir()
+    torch.save({"config": {}, "optimizer": {}}, tmp_path / "nomodel" / "checkpoint.pt")
+    for name, damage in (("truncated", lambda d: (d / "model.safetensors").write_bytes(
+                              (d / "model.safetensors").read_bytes()[:1000])),
+                         ("empty", lambda d: (d / "model.safetensors").write_bytes(b"")),
+                         ("badtok", lambda d: (d / "tokenizer.json").write_text("{not json"))):
+        d = tmp_path / name
+        shutil.copytree(tiny, d)
+        damage(d)
     return tmp_path
 
 
@@ -383,6 +393,18 @@ BAD_INPUTS = [
     (["--resume", "{tmp}/done"], "is not a readable optimlab checkpoint"),
     (["--resume", "{tmp}/done", "--lr", "1"], "drop --lr"),
     (["--out", "{tmp}/done"], "already holds a run (checkpoint.pt): continue it with --resume"),
+    (["--resume", "{tmp}/nomodel"], "is not a complete optimlab checkpoint (no 'best', 'history', "
+                                    "'model'"),
+    (["--model-dir", "{tmp}/truncated"], "cannot load the model from {tmp}/truncated"),
+    (["--model-dir", "{tmp}/empty"], "cannot load the model from {tmp}/empty"),
+    (["--model-dir", "{tmp}/badtok"], "cannot load the tokenizer from {tmp}/badtok"),
+    (["--device", "bogus"], "--device 'bogus' is not a device"),
+    (["--device", "meta"], "--device 'meta': optimlab train runs on cpu or cuda"),
+    (["--seed", str(2 ** 70)], "--seed must be an integer in [0, 2**63)"),
+    (["--train-file", "{tmp}", "--dev-file", "{tmp}/ok.tsv"], "is a directory: give a TSV/CSV"),
+    (["--train-file", "{tmp}/gap.tsv", "--dev-file", "{tmp}/ok.tsv"],
+     "gap.tsv, line 4: label 99, but labels 2..98 never occur"),
+    (["--task", "sst", "--num-labels", "1"], "--num-labels is for your own files: sst has 5"),
 ]
 
 
@@ -473,3 +495,165 @@ def test_length_grouped_batches():
 def test_prediction_file_format(tmp_path):
     write_predictions(tmp_path / "p.csv", ["a1", "b2"], [3, 0])
     assert (tmp_path / "p.csv").read_bytes() == b"id \t Predicted_Sentiment \na1 , 3 \nb2 , 0 \n"
+
+
+# ------------------------------------------------------------------ a run directory's promises
+def test_a_second_run_on_a_directory_in_use_fails_at_once(tiny, tmp_path, capsys):
+    from optimlab._run import RunLock
+    held = RunLock(tmp_path / "run")
+    held.acquire()
+    try:
+        code, _, err = _cli(_args(tiny, tmp_path / "run"), capsys)
+        assert code == 2 and err.count("\n") == 1
+        assert "is in use by another run (pid " in err and "choose another --out" in err
+        assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    finally:
+        held.release()
+    assert _cli(_args(tiny, tmp_path / "run"), capsys)[0] == 0
+
+
+def test_the_lock_of_a_killed_run_is_taken_over(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c",
+                           "import os, signal, sys; from optimlab._run import RunLock; "
+                           f"RunLock({str(run)!r}).acquire(); os.kill(os.getpid(), signal.SIGKILL)"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -9
+    code, out, _ = _cli(_args(tiny, run), capsys)
+    assert code == 0 and "took over the lock of a run that ended without releasing it" in out
+
+
+def _fail_at_first_forward(monkeypatch):
+    import optimlab.train as T
+    def boom(model, batch):
+        raise RuntimeError("boom at the first forward pass")
+    monkeypatch.setattr(T, "_loss_fn", boom)
+
+
+def test_overwrite_replaces_the_previous_run_only_once_the_new_one_has_a_checkpoint(
+        tiny, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    assert _cli(_args(tiny, run), capsys)[0] == 0
+    before = {n: (run / n).read_bytes() for n in ("checkpoint.pt", "metrics.json",
+                                                  "best_model.safetensors")}
+    with monkeypatch.context() as m:          # the new run fails: the old one is put back
+        _fail_at_first_forward(m)
+        with pytest.raises(RuntimeError, match="boom"):
+            _cli(_args(tiny, run, "--overwrite", "--lr", "5e-4"), capsys)
+    assert {n: (run / n).read_bytes() for n in before} == before
+    assert not (run / ".replaced").exists()
+    # a new run killed before its first checkpoint leaves the old run set aside: the next run
+    # on the directory puts it back first (then refuses: no --overwrite)
+    (run / ".replaced").mkdir()
+    for n in ("checkpoint.pt", "metrics.json", "best_model.safetensors", "predictions"):
+        os.replace(run / n, run / ".replaced" / n)
+    code, _, err = _cli(_args(tiny, run), capsys)
+    assert code == 2 and "already holds a run" in err
+    assert {n: (run / n).read_bytes() for n in before} == before
+    # with a checkpoint of its own the new run is kept, and the old one is gone
+    code, _, err = _cli(_args(tiny, run, "--overwrite", "--lr", "5e-4"), capsys)
+    assert code == 0, err
+    assert (run / "checkpoint.pt").read_bytes() != before["checkpoint.pt"]
+    assert not (run / ".replaced").exists()
+
+
+def test_temporary_files_of_interrupted_saves_are_removed(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _cli(_args(tiny, run, "--stop-after", "3"), capsys)[0] == 0
+    (run / "predictions").mkdir(exist_ok=True)
+    for name in (".checkpoint.pt.tmp-4242", "predictions/.x-dev-out.csv.tmp-4242"):
+        (run / name).write_bytes(b"half a file")
+    code, out, _ = _cli(["train", "--resume", str(run), "--no-progress"], capsys)
+    assert code == 0 and "removed 2 temporary file(s)" in out
+    assert not list(run.glob("**/.*.tmp-*"))
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_last_one(
+        tiny, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    import optimlab._run as R
+    real, calls = torch.save, []
+
+    def save(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:           # the second checkpoint: the disk is full
+            raise RuntimeError("[enforce fail at inline_container.cc:595] . "
+                               "PytorchStreamWriter failed writing file data/3: file write failed")
+        return real(obj, f, *a, **k)
+    monkeypatch.setattr(R.torch, "save", save)
+    code, _, err = _cli(_args(tiny, run, "--save-every", "2"), capsys)
+    monkeypatch.setattr(R.torch, "save", real)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "checkpoint.pt failed" in err and "the previous checkpoint.pt is intact" in err
+    assert _ckpt(run)["position"]["step"] == 2
+    assert not list(run.glob(".*.tmp-*"))
+
+
+def test_resume_checks_the_data_and_works_from_another_directory(tiny, tmp_path, capsys,
+                                                                  monkeypatch):
+    rows = "".join(f"sentence {i} {'good' if i % 2 else 'bad'}\t{i % 2}\n" for i in range(24))
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + rows)
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\n" + "".join(rows.splitlines(True)[:12]))
+    monkeypatch.chdir(tmp_path)            # relative paths, then a resume from elsewhere
+    argv = ["train", "--model-dir", str(tiny), "--train-file", "train.tsv", "--dev-file",
+            "dev.tsv", "--batch-size", "8", "--epochs", "2", "--no-progress", "--out", "run",
+            "--stop-after", "2"]
+    assert _cli(argv, capsys)[0] == 0
+    assert _ckpt(tmp_path / "run")["config"]["train_file"] == str(tmp_path / "train.tsv")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, _, err = _cli(["train", "--resume", str(tmp_path / "run"), "--no-progress",
+                         "--stop-after", "2"], capsys)
+    assert code == 2 and "--stop-after 2: this run is already at update 2" in err
+    # the same rows with other labels: the resume would not be the promised one
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + rows.replace("\t1\n", "\t7\n")
+                                        .replace("\t0\n", "\t1\n").replace("\t7\n", "\t0\n"))
+    code, _, err = _cli(["train", "--resume", str(tmp_path / "run"), "--no-progress"], capsys)
+    assert code == 2 and "the training data changed since the checkpoint" in err
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + rows)
+    assert _cli(["train", "--resume", str(tmp_path / "run"), "--no-progress"], capsys)[0] == 0
+    assert _metrics(tmp_path / "run")["status"] == "finished"
+
+
+def _strict(path) -> dict:
+    def no(x):
+        raise ValueError(f"non-strict JSON constant {x}")
+    return json.loads(Path(path).read_text(), parse_constant=no)
+
+
+def test_a_diverged_run_stops_with_its_last_good_checkpoint(tiny, tmp_path, capsys,
+                                                           monkeypatch):
+    import optimlab.train as T
+    real, calls = T._loss_fn, []
+
+    def loss_fn(model, batch):
+        calls.append(1)
+        loss = real(model, batch)
+        return loss * float("nan") if len(calls) >= 4 else loss      # update 4 diverges
+    monkeypatch.setattr(T, "_loss_fn", loss_fn)
+    run = tmp_path / "run"
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        code, out, _ = _cli(_args(tiny, run, "--save-every", "2"), capsys)
+    assert code == T.EXIT_DIVERGED
+    assert "the run diverged at update 4" in out
+    m = _strict(run / "metrics.json")
+    assert m["status"] == "diverged" and m["skipped_updates"] == 1
+    assert _ckpt(run)["position"]["step"] == 2            # the last good state, not after
+
+
+def test_a_run_stopped_by_a_signal_exits_128_plus_the_signal(tiny, tmp_path):
+    import signal
+    import time
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "optimlab.cli", *_args(tiny, run, "--epochs",
+                             "500", "--save-every", "1")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    m = _strict(run / "metrics.json")
+    assert m["status"] == "stopped" and m["stop_signal"] == "SIGTERM"

@@ -183,6 +183,19 @@ class AdafactorHyper:
         eps1, eps2 = group["eps"]
         if eps1 is None:          # torch.optim's rule: the first parameter's dtype, group-wide
             eps1 = torch.finfo(params[0].dtype).eps
+        elif group["eps1_placement"] == "clamp":
+            # the clamp of V^ at eps1^2 must be representable in the dtype the update is
+            # computed in, or a zero gradient coordinate becomes rsqrt(0) * 0 = NaN
+            dt = params[0].dtype
+            dt = torch.float32 if group["upcast"] and dt in _LOW_PRECISION else dt
+            tiny = torch.finfo(dt).tiny
+            if eps1 > 0 and eps1 * eps1 < tiny:     # (0 is a deliberate: no floor)
+                raise ValueError(
+                    f"Invalid eps[0]: {eps1!r} with eps1_placement='clamp': eps1**2 = "
+                    f"{eps1 * eps1:.3g} underflows in {str(dt).replace('torch.', '')} (smallest "
+                    f"normal {tiny:.3g}), and a zero gradient coordinate would give NaN; use "
+                    f"eps=(None, eps2) (the dtype's machine epsilon, torch.optim's default) or "
+                    f"eps1 >= {tiny ** 0.5:.3g}")
         beta1 = group["beta1"]
         by_alpha = group["decay_scale"] == "alpha"
         return cls(lr=scalar(group["lr"]), eps1=eps1, eps2=eps2,

@@ -35,12 +35,14 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from . import __version__, _ext
 from . import compat
+from ._run import atomic_write
 
 SUITES = ("gpt2", "small")
 FAMILIES = ("adamw", "adam", "sgd", "adagrad", "rmsprop", "radam", "adafactor", "sam")
@@ -477,11 +479,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main_args(args) -> int:
     if args.repeat < 1:
         raise ValueError(f"Invalid --repeat: {args.repeat}; expected >= 1")
+    if args.json:                       # before minutes of timing, not after
+        target = Path(args.json)
+        parent = target.parent if str(target.parent) else Path(".")
+        if target.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise ValueError(f"--json {args.json}: not a file that can be written (its directory "
+                             f"must exist and be writable)")
     suites = SUITES if args.suite == "all" else (args.suite,)
     result = run(suites, tuple(args.optimizers), args.repeat)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+        text = json.dumps(result, indent=1, default=str)
+        atomic_write(args.json, lambda f: f.write(text.encode("utf-8")))
     return 0
 
 

@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                 spec = REGISTRY[name]
                 print(f"{name:10s} {spec.description}  [{spec.paper}]")
         elif args.command == "train":
-            from .train import main as train_main
-            train_main(args)
+            from .train import exit_code, main as train_main
+            return exit_code(train_main(args))
         elif args.command == "bench":
             from .bench import main_args as bench_main
             return bench_main(args)

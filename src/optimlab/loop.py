@@ -200,7 +200,10 @@ class Fit:
         ``stop_on_nonfinite``, a loss is not finite.  ``after_update(fit)`` runs after each
         update the loop goes on from; ``on_epoch_end(fit, record)`` after each complete epoch,
         with the position already at the next one.  Returns ``"finished"``, ``"stopped"``
-        (inside an epoch, or at the end of one before the last) or ``"diverged"``."""
+        (inside an epoch, or at the end of one before the last) or ``"diverged"`` (at once:
+        no ``on_epoch_end``; the position is that of the update that diverged, and
+        `epoch_record` says what the epoch came to).  ``should_stop`` may also set
+        ``fit.diverged``."""
         pos = self.pos
         self.model.train()
         while pos.epoch < self.epochs:
@@ -231,44 +234,50 @@ class Fit:
                             ex_per_s=f"{pos.seen / (time.perf_counter() - self._tick):.1f}",
                             lr=f"{self.scheduler.get_last_lr()[0]:.2e}", refresh=False)
                     if self.stop_on_nonfinite and not math.isfinite(loss):
-                        self.diverged = stop = True
+                        self.diverged = True
                     if should_stop is not None and should_stop(self, loss):
                         stop = True
-                    stop = self._together(stop)
-                    if stop:
+                    stop, self.diverged = self._together(stop, self.diverged)
+                    if stop or self.diverged:
                         break
                     if after_update is not None:
                         after_update(self)
             finally:
                 if bar is not None:
                     bar.close()
-            if pos.step_in_epoch < len(batches) and not self.diverged:
-                pos.seconds = time.perf_counter() - self._tick
+            pos.seconds = time.perf_counter() - self._tick
+            if self.diverged:
+                return "diverged"
+            if pos.step_in_epoch < len(batches):
                 return "stopped"                 # inside an epoch: its position is kept
-            seconds = time.perf_counter() - self._tick
-            if self.world > 1:
-                torch.distributed.all_reduce(loss_sum)
-            record = EpochRecord(epoch=pos.epoch + 1,
-                                 train_loss=loss_sum[0].item() / max(1.0, loss_sum[1].item()),
-                                 train_seconds=seconds, examples=pos.seen, updates=pos.step,
-                                 diverged=self.diverged)
+            record = self.epoch_record()
             pos.epoch, pos.step_in_epoch, pos.batches = pos.epoch + 1, 0, None
             pos.loss_sum, pos.seen, pos.seconds = [0.0, 0.0], 0, 0.0
             if on_epoch_end is not None:
                 on_epoch_end(self, record)
-            if self.diverged:
-                return "diverged"
             if stop and pos.epoch < self.epochs:
                 return "stopped"
         return "finished"
 
-    def _together(self, stop: bool) -> bool:
+    def epoch_record(self) -> EpochRecord:
+        """What the current epoch came to so far (its loss summed over all processes)."""
+        pos = self.pos
+        loss_sum = torch.tensor(pos.loss_sum, dtype=torch.float64)
+        if self.world > 1:
+            torch.distributed.all_reduce(loss_sum)
+        return EpochRecord(epoch=pos.epoch + 1,
+                           train_loss=loss_sum[0].item() / max(1.0, loss_sum[1].item()),
+                           train_seconds=pos.seconds, examples=pos.seen, updates=pos.step,
+                           diverged=self.diverged)
+
+    def _together(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag set if any process set it (one all-reduce)."""
         if self.world == 1:
-            return stop
+            return flags
         device = next(iter(self.model.parameters())).device
-        flag = torch.tensor([float(stop)], device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        t = torch.tensor([float(f) for f in flags], device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return tuple(bool(x) for x in t.tolist())
 
     def state_dict(self) -> dict:
         """Everything of the loop a checkpoint needs to resume it: the position and the

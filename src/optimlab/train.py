@@ -47,6 +47,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -58,7 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import WD_MODES
-from ._run import atomic_save, atomic_write, environment
+from ._run import RunLock, atomic_save, atomic_write, environment, json_safe, remove_temp_files
 from .data import TASKS, load_file, load_split
 from .loop import (SCHEDULES, Fit, Position, epoch_batches, length_grouped_batches,
                    lr_multiplier, schedule, updates_per_epoch, warmup_updates)
@@ -155,10 +156,16 @@ class TrainConfig:
                                  "chosen by dev accuracy)")
             for opt, path in (("--train-file", c.train_file), ("--dev-file", c.dev_file),
                               ("--test-file", c.test_file)):
+                if path is not None and os.path.isdir(path):
+                    raise ValueError(f"{opt} {path!r} is a directory: give a TSV/CSV file")
                 if path is not None and not os.path.isfile(path):
                     raise FileNotFoundError(f"{opt} {path!r} does not exist: give a TSV/CSV file "
                                             f"with a header (sentence/text/review, "
                                             f"sentiment/label, id)")
+            # absolute: a resume from another directory finds the same files
+            c.train_file, c.dev_file = os.path.abspath(c.train_file), os.path.abspath(c.dev_file)
+            if c.test_file is not None:
+                c.test_file = os.path.abspath(c.test_file)
         c.optimizer = c.optimizer.lower()
         if c.optimizer not in list_optimizers():
             raise ValueError(f"unknown optimizer {c.optimizer!r}; choose from "
@@ -167,7 +174,11 @@ class TrainConfig:
         _choice("--schedule", c.schedule, SCHEDULES)
         if c.wd_mode is not None:
             _choice("--wd-mode", c.wd_mode, WD_MODES)
+        if c.num_labels is not None and c.task is not None and c.num_labels != TASKS[c.task]:
+            raise ValueError(f"--num-labels is for your own files: {c.task} has "
+                             f"{TASKS[c.task]} labels (got --num-labels {c.num_labels})")
         if c.model_dir is not None:
+            c.model_dir = os.path.abspath(c.model_dir)
             d = Path(c.model_dir)
             if not (d / "config.json").is_file():
                 what = "does not exist" if not d.exists() else "has no config.json"
@@ -213,6 +224,16 @@ class TrainConfig:
                              f"--batch-size")
         if c.asam and not c.sam:
             raise ValueError("--asam needs --sam")
+        if isinstance(c.seed, bool) or not isinstance(c.seed, int) or not 0 <= c.seed < 2 ** 63:
+            raise ValueError(f"--seed must be an integer in [0, 2**63), got {c.seed!r}")
+        if c.device != "auto":
+            try:
+                device = torch.device(c.device)
+            except (RuntimeError, ValueError, TypeError):
+                raise ValueError(f"--device {c.device!r} is not a device: use auto, cpu, cuda "
+                                 f"or cuda:N") from None
+            if device.type not in ("cpu", "cuda"):
+                raise ValueError(f"--device {c.device!r}: optimlab train runs on cpu or cuda")
         return c
 
 
@@ -350,6 +371,8 @@ class _StopFlag:
 
     def __init__(self, enabled: bool):
         self.requested = False
+        self.signal_name: str | None = None          # the signal that asked, if one did
+        self.signum: int | None = None
         self._old = {}
         if enabled and _main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -359,6 +382,7 @@ class _StopFlag:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        self.signum, self.signal_name = signum, signal.Signals(signum).name
         print("\noptimlab: stopping after this update (checkpoint follows); Ctrl-C again to "
               "abort", file=sys.stderr)
 
@@ -381,11 +405,6 @@ def train(config: TrainConfig, *, handle_signals: bool = False,
     continues it).  ``handle_signals``: Ctrl-C/SIGTERM stop after the current update with a
     checkpoint (the CLI turns this on)."""
     cfg = config.resolved()
-    ckpt = Path(cfg.out) / CHECKPOINT
-    if ckpt.exists() and not cfg.overwrite:
-        raise FileExistsError(f"{cfg.out} already holds a run ({CHECKPOINT}): continue it with "
-                              f"--resume {cfg.out}, replace it with --overwrite, or choose "
-                              f"another --out")
     return _run(cfg, None, handle_signals=handle_signals, log=log)
 
 
@@ -414,9 +433,20 @@ def resume(run_dir: str | os.PathLike, *, handle_signals: bool = False,
     except Exception as e:          # a truncated or foreign file: say so in one line
         raise ValueError(f"{path} is not a readable optimlab checkpoint ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    missing = sorted({"config", "model", "optimizer", "scheduler", "ranks", "position",
+                      "history", "best"} - set(state if isinstance(state, dict) else ()))
+    if missing:
+        raise ValueError(f"{path} is not a complete optimlab checkpoint (no "
+                         f"{', '.join(repr(m) for m in missing)}): start the run again with "
+                         f"--overwrite")
     names = {f.name for f in fields(TrainConfig)}
-    saved = {k: v for k, v in state["config"].items() if k in names}
+    # stop_after belongs to one invocation, not to the run: only this one's counts
+    saved = {k: v for k, v in state["config"].items() if k in names and k != "stop_after"}
     cfg = replace(TrainConfig(**saved), out=str(run_dir), **overrides).resolved()
+    done = state["position"]["step"]
+    if cfg.stop_after is not None and cfg.stop_after <= done:
+        raise ValueError(f"--stop-after {cfg.stop_after}: this run is already at update {done}; "
+                         f"give a later update, or leave --stop-after out to train to the end")
     return _run(cfg, state, handle_signals=handle_signals, log=log)
 
 
@@ -432,6 +462,7 @@ class _Run:
     say: Callable[[str], None]
     tqdm: Any
     model_dir: Path
+    fingerprint: dict                 # of the data and the model files (`_fingerprint`)
     data: dict[str, list[Example]]
     num_labels: int
     model: torch.nn.Module
@@ -503,7 +534,8 @@ def _build(cfg, world, rank, device, own_group, say, tqdm) -> _Run:
 
     # ---- data: read, tokenize once (lengths known for grouping), cap if asked
     model_dir = Path(cfg.model_dir) if cfg.model_dir else default_model_dir()
-    tokenizer = load_tokenizer(model_dir, max_length=cfg.max_length)
+    tokenizer = _loading(model_dir, "tokenizer",
+                         lambda: load_tokenizer(model_dir, max_length=cfg.max_length))
     if cfg.task is not None:
         splits = {"train": load_split(cfg.task, "train"), "dev": load_split(cfg.task, "dev"),
                   "test": load_split(cfg.task, "test-student")}
@@ -514,8 +546,9 @@ def _build(cfg, world, rank, device, own_group, say, tqdm) -> _Run:
                   "dev": load_file(cfg.dev_file, require_labels=True, num_labels=cfg.num_labels)}
         if cfg.test_file is not None:
             splits["test"] = load_file(cfg.test_file, num_labels=cfg.num_labels)
-        num_labels = cfg.num_labels or 1 + max(r.label for s in ("train", "dev")
-                                               for r in splits[s])
+        num_labels = cfg.num_labels or _labels_without_gaps(
+            [(path, r) for path, name in ((cfg.train_file, "train"), (cfg.dev_file, "dev"))
+             for r in splits[name]])
     limits = {"train": cfg.max_train_samples, "dev": cfg.max_eval_samples,
               "test": cfg.max_eval_samples}
     data: dict[str, list[Example]] = {}
@@ -529,8 +562,9 @@ def _build(cfg, world, rank, device, own_group, say, tqdm) -> _Run:
     # ---- model: pretrained encoder + a fresh head, seeded
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model = build_classifier(model_dir, num_labels=num_labels, pooling=cfg.pooling,
-                             dropout=cfg.dropout, fine_tune_mode=cfg.fine_tune_mode)
+    model = _loading(model_dir, "model", lambda: build_classifier(
+        model_dir, num_labels=num_labels, pooling=cfg.pooling, dropout=cfg.dropout,
+        fine_tune_mode=cfg.fine_tune_mode))
     if model.pooling != "pooler" and getattr(model.encoder, "pooler", None) is not None:
         model.encoder.pooler.requires_grad_(False)      # unused: no gradient, no updates
     model.to(device)
@@ -555,9 +589,129 @@ def _build(cfg, world, rank, device, own_group, say, tqdm) -> _Run:
             broadcast_buffers=False)
     return _Run(cfg=cfg, world=world, rank=rank, device=device, own_group=own_group, say=say,
                 tqdm=tqdm, model_dir=model_dir, data=data, num_labels=num_labels, model=model,
+                fingerprint=_fingerprint(data, model_dir),
                 ddp_model=ddp_model, optimizer=optimizer, scheduler=scheduler,
                 n_decay=sum(p.numel() for g in groups if g["weight_decay"] for p in g["params"]),
                 updates_per_epoch=per_epoch, total_updates=total, warmup=warmup)
+
+
+#: updates the optimizer may skip (a non-finite gradient) before the run counts as diverged
+MAX_SKIPPED_UPDATES = 10
+#: the exit code of a diverged run (a stop by signal exits 128 + the signal's number)
+EXIT_DIVERGED = 3
+
+
+class _RunDirectory:
+    """The run directory while a run uses it (the main process manages it): locked
+    (`optimlab._run.RunLock`: a second run on it fails at once, naming the holder; the lock of
+    a killed run is taken over), temporary files of interrupted saves removed, and with
+    ``--overwrite`` the previous run's files set aside in ``.replaced/`` until the new run's
+    first checkpoint: a new run that fails before it puts them back, and one that was killed
+    before it has them put back by the next run on the directory."""
+
+    ASIDE = ".replaced"
+    ARTIFACTS = (CHECKPOINT, BEST_MODEL, METRICS, "predictions")
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.lock = RunLock(out)
+        self.aside = out / self.ASIDE
+
+    def open(self, *, fresh: bool, overwrite: bool) -> list[str]:
+        """Take the directory for a run (``fresh``: a new one, not a resume); returns notes."""
+        notes = [n for n in (self.lock.acquire(),) if n]
+        if self.aside.exists():
+            if (self.out / CHECKPOINT).exists():
+                shutil.rmtree(self.aside)      # the new run had reached its first checkpoint
+            else:
+                self._put_back()
+                notes.append(f"put back the previous run that an --overwrite had set aside in "
+                             f"{self.aside} (the new run ended before its first checkpoint)")
+        removed = remove_temp_files(self.out)
+        if removed:
+            notes.append(f"removed {len(removed)} temporary file(s) of interrupted saves")
+        if fresh and (self.out / CHECKPOINT).exists():
+            if not overwrite:
+                raise FileExistsError(
+                    f"{self.out} already holds a run ({CHECKPOINT}): continue it with --resume "
+                    f"{self.out}, replace it with --overwrite, or choose another --out")
+            self.aside.mkdir()
+            for name in self.ARTIFACTS:
+                if (self.out / name).exists():
+                    os.replace(self.out / name, self.aside / name)
+        return notes
+
+    def _put_back(self) -> None:
+        for name in self.ARTIFACTS:
+            src, dst = self.aside / name, self.out / name
+            if src.exists():
+                if dst.is_dir():
+                    shutil.rmtree(dst)
+                os.replace(src, dst)
+        shutil.rmtree(self.aside, ignore_errors=True)
+
+    def checkpointed(self) -> None:
+        """The new run has its first checkpoint: the previous run is gone for good."""
+        if self.aside.exists():
+            shutil.rmtree(self.aside, ignore_errors=True)
+
+    def close(self, failed: bool) -> None:
+        if not self.lock.held:            # another run's directory: touch nothing
+            return
+        if failed and self.aside.exists() and not (self.out / CHECKPOINT).exists():
+            self._put_back()
+        self.lock.release()
+
+
+def _loading(model_dir: Path, what: str, load: Callable):
+    """``load()``, with a broken model or tokenizer file (truncated, empty, not JSON) as one
+    ValueError naming the directory."""
+    try:
+        return load()
+    except (ValueError, FileNotFoundError, ImportError):
+        raise
+    except Exception as e:          # safetensors' and tokenizers' own exception types
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"cannot load the {what} from {model_dir}: {first} (a truncated or "
+                         f"damaged file? reinstall the model or give another --model-dir)") from None
+
+
+def _labels_without_gaps(records: list[tuple[str, Any]]) -> int:
+    """The number of labels of your own files: max + 1, provided every label 0..max occurs
+    (a gap is a typo more often than a class with no example: one row labelled 99 would build
+    a 100-class head); ``--num-labels`` declares classes that have no example."""
+    present = {r.label for _, r in records}
+    k = 1 + max(present)
+    missing = sorted(set(range(k)) - present)
+    if missing:
+        path, r = max(records, key=lambda pr: pr[1].label)
+        gap = (f"{missing[0]}" if len(missing) == 1 else
+               f"{missing[0]}..{missing[-1]}" if missing[-1] - missing[0] == len(missing) - 1
+               else f"{len(missing)} of them")
+        raise ValueError(f"{path}, line {r.line}: label {r.label}, but labels {gap} never "
+                         f"occur: labels must be 0..K-1 (give --num-labels K if classes "
+                         f"without examples are meant)")
+    return k
+
+
+def _fingerprint(data: dict[str, list[Example]], model_dir: Path) -> dict:
+    """sha256 of each split as the run sees it (ids, token ids, labels) and of the model
+    directory's files: a resume checks that nothing changed under it."""
+    import hashlib
+    out = {}
+    for split, examples in data.items():
+        h = hashlib.sha256()
+        for e in examples:
+            h.update(repr((e.id, e.ids, e.label)).encode())
+        out[split] = h.hexdigest()
+    h = hashlib.sha256()
+    for f in sorted(p for p in model_dir.iterdir() if p.is_file()):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    out["model"] = h.hexdigest()
+    return out
 
 
 def _save_run_state(run: _Run, fit: Fit, history: list, best: dict, wall_time: float) -> None:
@@ -581,12 +735,24 @@ def _save_run_state(run: _Run, fit: Fit, history: list, best: dict, wall_time: f
                          "seen": pos["seen"] if pos["batches"] is not None else 0,
                          "seconds": pos["seconds"] if pos["batches"] is not None else 0.0},
             "history": history, "best": best, "world_size": run.world,
-            "wall_time_s": wall_time,
+            "wall_time_s": wall_time, "fingerprint": run.fingerprint,
+            "skipped_updates": run.optimizer.skipped_steps,
         }, run.out / CHECKPOINT)
 
 
 def _load_run_state(run: _Run, state: dict) -> tuple[Position, list, dict, float]:
-    """`_save_run_state`'s checkpoint into ``run``: (position, history, best, wall time)."""
+    """`_save_run_state`'s checkpoint into ``run``: (position, history, best, wall time).
+    The data and model files must be the ones the checkpoint was written with (exact resume
+    is promised for those only): a change is a ValueError naming it."""
+    saved = state.get("fingerprint")
+    if saved is not None:
+        changed = [k for k in saved if run.fingerprint.get(k) != saved[k]]
+        if changed:
+            what = {"train": "the training data", "dev": "the dev data", "test": "the test data",
+                    "model": f"the model files in {run.model_dir}"}
+            raise ValueError(f"--resume {run.out}: {', '.join(what.get(k, k) for k in changed)} "
+                             f"changed since the checkpoint was written: resume with the same "
+                             f"files, or start a new run")
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -596,6 +762,7 @@ def _load_run_state(run: _Run, state: dict) -> tuple[Position, list, dict, float
                 f"{run.world}; dropout masks will differ from an uninterrupted run")
     mine = ranks[run.rank % len(ranks)]
     _set_rng_state(mine["rng"], run.device)
+    run.optimizer.skipped_steps = state.get("skipped_updates", 0)
     pos = state["position"]
     position = Position(epoch=pos["epoch"], step_in_epoch=pos["step_in_epoch"], step=pos["step"],
                         batches=pos["batches"], loss_sum=mine["loss_sum"] or [0.0, 0.0],
@@ -606,8 +773,25 @@ def _load_run_state(run: _Run, state: dict) -> tuple[Position, list, dict, float
 def _run(cfg: TrainConfig, state: dict | None, *, handle_signals: bool,
          log: Callable[[str], None] | None) -> dict:
     start_time = time.perf_counter()
+    directory = _RunDirectory(Path(cfg.out)) if int(os.environ.get("RANK", "0")) == 0 else None
+    failed = True
+    try:
+        notes = directory.open(fresh=state is None, overwrite=cfg.overwrite) if directory else []
+        metrics = _fit(cfg, state, handle_signals, log, start_time, notes, directory)
+        failed = False
+        return metrics
+    finally:
+        if directory is not None:
+            directory.close(failed)
+
+
+def _fit(cfg: TrainConfig, state: dict | None, handle_signals: bool,
+         log: Callable[[str], None] | None, start_time: float, notes: list[str],
+         directory: _RunDirectory | None) -> dict:
     run = _setup(cfg, log)
     out, dist, say = run.out, torch.distributed, run.say
+    for note in notes:
+        say(f"note: {note}")
     stop = _StopFlag(handle_signals)
     try:
         train_set = run.data["train"]
@@ -620,16 +804,17 @@ def _run(cfg: TrainConfig, state: dict | None, *, handle_signals: bool,
         position, history, best, previous_wall = Position(), [], {"epoch": None, "dev_acc": -1.0}, 0.0
         if state is not None:
             position, history, best, previous_wall = _load_run_state(run, state)
-        elif run.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            for stale in (out / CHECKPOINT, out / BEST_MODEL, out / METRICS):
-                stale.unlink(missing_ok=True)          # --overwrite
         if run.world > 1:
             dist.barrier()
         env = environment() if run.is_main else {}
 
         def wall() -> float:
             return previous_wall + time.perf_counter() - start_time
+
+        def save() -> None:
+            _save_run_state(run, fit, history, best, wall())
+            if directory is not None:
+                directory.checkpointed()
 
         def micro_batches(batch: list[int]) -> tuple[list, int]:
             mine = sorted(batch, key=lambda i: -lengths[i])[run.rank::run.world]
@@ -648,7 +833,7 @@ def _run(cfg: TrainConfig, state: dict | None, *, handle_signals: bool,
                                                    world=run.world),
                   micro_batches=micro_batches, loss_fn=_loss_fn, max_grad_norm=cfg.max_grad_norm,
                   autocast=torch.bfloat16 if cfg.bf16 else None, position=position,
-                  world=run.world, progress=progress)
+                  world=run.world, stop_on_nonfinite=True, progress=progress)
         memory: dict = {}
 
         def write_metrics(status: str) -> dict:
@@ -661,21 +846,28 @@ def _run(cfg: TrainConfig, state: dict | None, *, handle_signals: bool,
                 "updates": {"per_epoch": run.updates_per_epoch, "total": run.total_updates,
                             "warmup": run.warmup, "done": fit.pos.step},
                 "epochs": history, "best_epoch": best["epoch"], "best_dev_acc": best["dev_acc"],
-                "wall_time_s": round(wall(), 2), "memory": memory, **env,
+                "wall_time_s": round(wall(), 2), "memory": memory,
+                "skipped_updates": run.optimizer.skipped_steps,
+                "stop_signal": stop.signal_name, **env,
             }
+            nonfinite: list[str] = []
+            metrics = json_safe(metrics, found=nonfinite)     # strict JSON: NaN -> null
+            metrics["nonfinite_as_null"] = nonfinite
             if run.is_main:
                 atomic_write(out / METRICS, lambda f: f.write(
-                    (json.dumps(metrics, indent=2) + "\n").encode("utf-8")))
+                    (json.dumps(metrics, indent=2, allow_nan=False) + "\n").encode("utf-8")))
             return metrics
 
         def should_stop(fit: Fit, loss: float) -> bool:
+            if run.optimizer.skipped_steps > MAX_SKIPPED_UPDATES:
+                fit.diverged = True                # too many non-finite gradients
             return stop.requested or fit.pos.step == cfg.stop_after
 
         def after_update(fit: Fit) -> None:
             pos = fit.pos
             if cfg.save_every and pos.step % cfg.save_every == 0 and \
                     pos.step_in_epoch < len(pos.batches):
-                _save_run_state(run, fit, history, best, wall())
+                save()
 
         def on_epoch_end(fit: Fit, rec) -> None:
             nonlocal best, memory
@@ -701,7 +893,7 @@ def _run(cfg: TrainConfig, state: dict | None, *, handle_signals: bool,
                 f"{dev_acc:.4f}{' (best)' if best['epoch'] == rec.epoch else ''}, "
                 f"{rec.train_seconds:.0f} s ({record['train_examples_per_s']:.1f} ex/s), eval "
                 f"{record['eval_seconds']:.0f} s")
-            _save_run_state(run, fit, history, best, wall())
+            save()
             memory = _gather_memory(run.device, run.world)
             write_metrics("running" if rec.epoch < cfg.epochs else "evaluating")
 
@@ -719,11 +911,17 @@ def _run(cfg: TrainConfig, state: dict | None, *, handle_signals: bool,
         # ---- the epochs
         status = fit.run(should_stop=should_stop, after_update=after_update,
                          on_epoch_end=on_epoch_end)
+        memory = _gather_memory(run.device, run.world)
+        if status == "diverged":                 # the last checkpoint is the last good state
+            say(f"optimlab: the run diverged at update {fit.pos.step} (a non-finite loss, or "
+                f"more than {MAX_SKIPPED_UPDATES} updates skipped for non-finite gradients: "
+                f"{run.optimizer.skipped_steps}); the last checkpoint in {out} is from before: "
+                f"lower --lr, or check the data")
+            return write_metrics("diverged")
         if fit.pos.batches is not None:          # stopped inside an epoch: save and leave
-            _save_run_state(run, fit, history, best, wall())
+            save()
 
         # ---- the end: test predictions of the best model, metrics
-        memory = _gather_memory(run.device, run.world)
         if status == "stopped":
             say(f"stopped after update {fit.pos.step}; continue with: optimlab train --resume "
                 f"{out}")
@@ -854,3 +1052,14 @@ def main(args) -> dict:
             raise ValueError("--resume DIR continues the run in DIR: drop --out")
         return resume(run_dir, handle_signals=True, **options)
     return train(TrainConfig(**options), handle_signals=True)
+
+
+def exit_code(metrics: dict) -> int:
+    """The command's exit status for a run's metrics: 0 finished (or stopped by --stop-after),
+    128 + the signal's number when a signal stopped it (as a shell reports a killed job),
+    `EXIT_DIVERGED` when it diverged."""
+    if metrics["status"] == "diverged":
+        return EXIT_DIVERGED
+    if metrics["status"] == "stopped" and metrics.get("stop_signal"):
+        return 128 + int(signal.Signals[metrics["stop_signal"]])
+    return 0

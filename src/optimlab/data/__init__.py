@@ -17,9 +17,9 @@ test-student files were saved once more than train/dev, which wrapped each quote
 more layer of CSV quoting; :func:`load_split` removes that layer so that test text looks like
 train and dev text (``load_file`` on those files does not).
 
-Every record is ``Record(id, text, label)``: ``text`` is stripped of surrounding whitespace and
-otherwise unchanged (no lower-casing: that is the tokenizer's business); ``label`` is an ``int``
-or ``None`` for unlabeled files.  A malformed row raises ``ValueError`` naming the file, the line
+Every record is ``Record(id, text, label, line)``: ``text`` is stripped of surrounding
+whitespace and otherwise unchanged (no lower-casing: that is the tokenizer's business); ``label``
+is an ``int`` or ``None`` for unlabeled files; ``line`` is the line of the file it starts on.  A malformed row raises ``ValueError`` naming the file, the line
 and what is wrong.
 
 Your own file (:func:`load_file`): a header row is required.  Columns are found by header name,
@@ -53,6 +53,7 @@ class Record(NamedTuple):
     id: str
     text: str
     label: int | None
+    line: int | None = None     # the line of its file the record starts on (errors name it)
 
 
 def num_labels(task: str) -> int:
@@ -213,7 +214,7 @@ def _read(fp: io.TextIOBase, *, name: str, delimiter: str, num_labels: int | Non
                 allowed = f"0..{num_labels - 1}" if num_labels is not None else ">= 0"
                 raise ValueError(f"{where}: label {label} out of range ({allowed})")
         rid = row[id_col].strip() if id_col is not None else str(len(records))
-        records.append(Record(rid, text, label))
+        records.append(Record(rid, text, label, line))
     if not records:
         raise ValueError(f"{name}: no rows after the header")
     return records

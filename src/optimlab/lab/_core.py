@@ -90,6 +90,20 @@ class Lab:
         finally:
             torch.set_num_threads(old_threads)
 
+    def _read_cell(self, path: Path, cell: Cell) -> dict | None:
+        """A cached cell's result, or None when the file is not what a run of this cell writes
+        (truncated, not JSON, another cell's or experiment's, no result): computed again."""
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        params = json.loads(json.dumps(cell.params, default=_jsonable))
+        if not isinstance(data, dict) or data.get("experiment") != self.experiment or \
+                data.get("name") != cell.name or data.get("params") != params or \
+                not isinstance(data.get("result"), dict) or "seconds" not in data["result"]:
+            return None
+        return data["result"]
+
     def _run_cells(self, cells, compute, desc, tqdm) -> list[dict]:
         names = [c.name for c in cells]
         if len(set(names)) != len(names):
@@ -99,12 +113,11 @@ class Lab:
         for i, cell in enumerate(cells):
             path = self.cell_path(cell)
             if path.is_file():
-                try:
-                    results[i] = json.loads(path.read_text())["result"]
+                cached = self._read_cell(path, cell)
+                if cached is not None:
+                    results[i] = cached
                     self.cached += 1
                     continue
-                except (ValueError, KeyError):          # unreadable: compute it again
-                    pass
             todo.append(i)
         bar = tqdm(total=len(cells), initial=len(cells) - len(todo), unit="cell",
                    desc=desc or self.experiment, disable=not self.progress, dynamic_ncols=True,

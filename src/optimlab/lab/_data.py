@@ -169,6 +169,9 @@ def fit(model: nn.Module, optimizer, batches_of: Callable[[list[int]], Any], n: 
                micro_batches=lambda idx: ([batches_of(idx)], len(idx)), loss_fn=loss_fn,
                step=step, max_grad_norm=max_grad_norm, stop_on_nonfinite=True)
     status = loop.run(should_stop=should_stop, on_epoch_end=on_epoch_end)
+    if status == "diverged":              # the epoch it diverged in, without an evaluation
+        history.append({"epoch": loop.pos.epoch + 1,
+                        "train_loss": loop.epoch_record().train_loss})
     return FitResult(history, losses, status == "diverged")
 
 
