@@ -253,3 +253,10 @@ def test_weight_decay_groups_leave_out_biases_and_norms():
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     opt = optimlab.create_optimizer(net, "adamw", weight_decay=0.1, filter_bias_and_norm=False)
     assert len(opt.param_groups) == 1
+
+
+def test_load_state_dict_of_something_else_is_a_clear_error():
+    opt = optimlab.AdamW([torch.nn.Parameter(torch.ones(2))])
+    for bad in ({}, {"state": {}}, [1, 2]):
+        with pytest.raises(ValueError, match="not an optimizer state dict"):
+            opt.load_state_dict(bad)

@@ -657,3 +657,13 @@ def test_a_run_stopped_by_a_signal_exits_128_plus_the_signal(tiny, tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err
     m = _strict(run / "metrics.json")
     assert m["status"] == "stopped" and m["stop_signal"] == "SIGTERM"
+
+
+def test_resume_refuses_a_configuration_this_version_resolves_otherwise(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _cli(_args(tiny, run, "--stop-after", "2"), capsys)[0] == 0
+    state = _ckpt(run)
+    state["config"]["max_length"] = None         # as if a default had been left to resolve
+    torch.save(state, run / "checkpoint.pt")
+    code, _, err = _cli(["train", "--resume", str(run), "--no-progress"], capsys)
+    assert code == 2 and "resolves the saved configuration differently (max_length: None" in err

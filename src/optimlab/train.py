@@ -443,6 +443,15 @@ def resume(run_dir: str | os.PathLike, *, handle_signals: bool = False,
     # stop_after belongs to one invocation, not to the run: only this one's counts
     saved = {k: v for k, v in state["config"].items() if k in names and k != "stop_after"}
     cfg = replace(TrainConfig(**saved), out=str(run_dir), **overrides).resolved()
+    # the configuration the run continues with is the saved one; a version of optimlab that
+    # resolves it otherwise (another default) would not continue the same run
+    now = asdict(cfg)
+    changed = sorted(k for k, v in saved.items()
+                     if k not in RESUME_OVERRIDES and k not in ("out", "overwrite") and now[k] != v)
+    if changed:
+        raise ValueError(f"--resume {run_dir}: this optimlab resolves the saved configuration "
+                         f"differently ({', '.join(f'{k}: {saved[k]!r} -> {now[k]!r}' for k in changed)}); "
+                         f"resume with the optimlab that started the run")
     done = state["position"]["step"]
     if cfg.stop_after is not None and cfg.stop_after <= done:
         raise ValueError(f"--stop-after {cfg.stop_after}: this run is already at update {done}; "
