@@ -328,7 +328,7 @@ def test_bucket_keys_separate_state_dtypes():
     a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
     a.grad, b.grad = torch.zeros(2), torch.zeros(2)
     states = [{"exp_avg": torch.zeros(2)}, {"exp_avg": torch.zeros(2, dtype=torch.bfloat16)}]
-    got = buckets([a, b], states)
+    got = buckets([a, b], [a.grad, b.grad], states)
     assert sorted(idx for _, idx in got) == [[0], [1]]
     assert {key.state for key, _ in got} == {(("exp_avg", torch.float32),),
                                              (("exp_avg", torch.bfloat16),)}
@@ -357,7 +357,7 @@ def test_the_cheap_pass_finds_one_bucket_only_where_there_is_one():
             sb["exp_avg_sq"] = torch.zeros(4, 3)
         return [a, b], [sa, sb]
     ps, sts = case()
-    [(key, idx)] = buckets(ps, sts)
+    [(key, idx)] = buckets(ps, [p.grad for p in ps], sts)
     assert idx is None and key.plain and key.layout == "contiguous"
     for kw in (dict(strided_grad=True), dict(dtype_b=torch.float64),
                dict(state_b=torch.zeros(4, 3, dtype=torch.bfloat16)),
@@ -365,7 +365,7 @@ def test_the_cheap_pass_finds_one_bucket_only_where_there_is_one():
                dict(grad_b=torch.ones(4, 3, dtype=torch.bfloat16)),
                dict(grad_b=torch._neg_view(torch.ones(4, 3)))):
         ps, sts = case(**kw)
-        got = buckets(ps, sts)
+        got = buckets(ps, [p.grad for p in ps], sts)
         assert sorted(idx for _, idx in got) == [[0], [1]], kw
         odd = next(key for key, idx in got if idx == [1])
         assert not (odd.plain and odd.layout == "contiguous" and

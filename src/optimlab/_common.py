@@ -240,14 +240,17 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     """True when no tensor holds inf or NaN.  One read of the tensors: plain CPU tensors by
     optimlab's kernel (a bit test of the exponent, all tensors in one parallel pass), others
     with one multi-tensor reduction per device and one sync.  ``meta`` tensors hold no values
-    and count as finite; a DTensor is checked on its local shard (this process's verdict)."""
-    from . import _ext, _gate
+    and count as finite.  A DTensor is checked on its local shard, and the verdict is then
+    agreed over its mesh (`optimlab._shards.agree`: one all-reduce of one flag), so every
+    rank of a sharded model skips or steps together."""
+    from . import _ext, _shards
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for t in tensors:
-        t = _gate.local(t)
+        t = _shards.local(t)
         if t.device.type == "meta":
             continue
         by_device.setdefault(t.device, []).append(t)
+    ok = True
     for device, ts in by_device.items():
         ok = _ext.all_finite(ts) if device.type == "cpu" else None
         if ok is None:
@@ -259,5 +262,5 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
             if not ok and p == 2:
                 ok = all(bool(torch.isfinite(t).all()) for t in ts)
         if not ok:
-            return False
-    return True
+            break
+    return _shards.agree(ok, tensors)

@@ -59,13 +59,6 @@ def is_plain(t: torch.Tensor) -> bool:
         and not t.is_meta and not t.is_neg()
 
 
-def local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard (this process's part), else the tensor itself."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None and type(t) is not _Tensor and \
-        type(t) is not _Parameter else t
-
-
 def dense(t: torch.Tensor, like: torch.Tensor | None = None) -> bool:
     """True when ``t``'s elements fill its memory exactly (contiguous, or dense in another
     dimension order such as channels_last: no gaps, no overlap, no zero strides on dimensions
@@ -84,7 +77,8 @@ def dense(t: torch.Tensor, like: torch.Tensor | None = None) -> bool:
     return True
 
 
-def _uniform(params: Sequence[torch.Tensor], states: Sequence[dict]
+def _uniform(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+             states: Sequence[dict]
              ) -> list[tuple[Bucket, list[int] | None]] | None:
     """The common case in one cheap pass: every tensor plain and contiguous on the CPU, the
     parameters and gradients of one dtype; the buckets are then the states' signatures (one,
@@ -95,8 +89,7 @@ def _uniform(params: Sequence[torch.Tensor], states: Sequence[dict]
         return None
     dtype = p0.dtype
     sigs: dict[tuple, tuple[tuple, list[int]]] = {}
-    for i, (p, st) in enumerate(zip(params, states)):
-        g = p.grad
+    for i, (p, g, st) in enumerate(zip(params, grads, states)):
         tp = type(p)
         if (tp is not _Parameter and tp is not _Tensor) or type(g) is not _Tensor or \
                 p.dtype is not dtype or g.dtype is not dtype or not p.is_cpu or \
@@ -119,8 +112,7 @@ def _uniform(params: Sequence[torch.Tensor], states: Sequence[dict]
             for sig, idx in sigs.values()]
 
 
-def _key(p: torch.Tensor, st: dict) -> Bucket:
-    g = p.grad
+def _key(p: torch.Tensor, g: torch.Tensor, st: dict) -> Bucket:
     shape = p.shape
     sig = []
     tensors = [g]
@@ -141,18 +133,18 @@ def _key(p: torch.Tensor, st: dict) -> Bucket:
     return Bucket(p.device, p.dtype, g.dtype, tuple(sig), plain, layout)
 
 
-def buckets(params: Sequence[torch.Tensor], states: Sequence[dict]
-            ) -> list[tuple[Bucket, list[int] | None]]:
-    """The parameters (which all have a gradient) in buckets that one kernel call can take:
+def buckets(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+            states: Sequence[dict]) -> list[tuple[Bucket, list[int] | None]]:
+    """The parameters with their gradients in buckets that one kernel call can take:
     ``(key, indices)``, indices None for "all of them" (the common case, found in one cheap
     pass, `_uniform`).  One odd tensor (a subclass, another dtype or layout) gets a bucket of its own
     and does not keep its neighbours off a fast kernel."""
-    cheap = _uniform(params, states)
+    cheap = _uniform(params, grads, states)
     if cheap is not None:
         return cheap
     out: dict[Bucket, list[int]] = {}
-    for i, (p, st) in enumerate(zip(params, states)):
-        out.setdefault(_key(p, st), []).append(i)
+    for i, (p, g, st) in enumerate(zip(params, grads, states)):
+        out.setdefault(_key(p, g, st), []).append(i)
     return list(out.items())
 
 
@@ -164,7 +156,8 @@ def _extent(t: torch.Tensor) -> tuple[int, int]:
     return lo, lo + (span + 1) * size - 1
 
 
-def shares_memory(params: Sequence[torch.Tensor], states: Sequence[dict]) -> bool:
+def shares_memory(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                  states: Sequence[dict]) -> bool:
     """True when a tensor a step writes (a parameter or a state tensor) may share memory
     with another tensor of the bucket (overlapping parameter views, a gradient that aliases
     its parameter).  The reference kernel applies its operations tensor by tensor, the
@@ -173,11 +166,10 @@ def shares_memory(params: Sequence[torch.Tensor], states: Sequence[dict]) -> boo
     tensor in its own storage); tensors of one storage are compared by extent."""
     by_storage: dict[int, list[tuple[torch.Tensor, bool]]] = {}
     shared = False
-    for p, st in zip(params, states):
-        entries = [(p, True), (p.grad, False)]
+    for p, g, st in zip(params, grads, states):
+        entries = [(p, True), (g, False)]
         entries += [(v, True) for v in st.values() if isinstance(v, _Tensor)]
         for t, written in entries:
-            t = local(t)
             if t.numel() == 0:
                 continue
             key = t.untyped_storage().data_ptr()

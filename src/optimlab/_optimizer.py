@@ -44,11 +44,14 @@ layers:
 
 A fused kernel only ever takes a bucket the gate lets through: plain, non-empty, strided
 tensors on its device, laid out alike, in a dtype combination it was built for, none of the
-written ones sharing memory with another.  Everything else (a DTensor, a bf16 gradient of an
-fp32 weight, a zero-size or meta tensor, an aliased gradient) runs the reference or foreach
-path, with the same result.  All three paths give the same parameters and state up to float
-rounding (tests/test_fast_paths.py states the tolerances); the state layout is the same, so a
-state dict saved under one implementation resumes under another.
+written ones sharing memory with another.  Everything else (a bf16 gradient of an fp32
+weight, a zero-size or meta tensor, an aliased gradient) runs the reference or foreach path,
+with the same result.  A DTensor parameter (FSDP2, tensor parallel) is updated on its local
+shard, which goes through the gate as any plain tensor does (`optimlab._shards`); what spans
+shards (the non-finite verdict; Adafactor's statistics) is an explicit all-reduce.  All
+three paths give the same parameters and state up to float rounding (tests/test_fast_paths.py
+states the tolerances); the state layout is the same, so a state dict saved under one
+implementation resumes under another.
 ``optimizer.last_step_impls`` names the kernels the last step ran (``"reference"``,
 ``"foreach"``, ``"fused-cpu"``, ``"torch-fused"``).
 """
@@ -62,7 +65,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch.autograd.graph import increment_version
 
-from . import _ext, _gate
+from . import _ext, _gate, _shards
 from ._common import IMPLS, NONFINITE_POLICIES, all_finite, check_choice, report_nonfinite
 from ._foreach import TensorList
 
@@ -99,7 +102,9 @@ class Optimizer(torch.optim.Optimizer):
     version counter, as an in-place torch op would, so autograd still notices a parameter
     changed under a saved graph.
 
-    ``load_state_dict`` policy: state tensors keep the dtype they were saved with (fp32
+    ``load_state_dict`` policy: another library's state dict of the same algorithm is first
+    brought to this optimizer's keys (`_import_state_dict`: torch.optim's and transformers'
+    Adafactor); state tensors keep the dtype they were saved with (fp32
     moments of bf16 parameters stay fp32; bf16 moments stay bf16) and move to their
     parameter's device; torch.optim instead casts them to the parameter's dtype.  A
     ``step`` saved as a tensor (torch.optim's format) becomes an int, so torch.optim state
@@ -183,39 +188,39 @@ class Optimizer(torch.optim.Optimizer):
             out.append(s)
         return out
 
-    def _reference(self, hp, params, states, scalars) -> None:
-        for p, st, (_, s) in zip(params, states, scalars):
-            self._kernel(p, p.grad, st, hp, s)
+    def _reference(self, hp, params, grads, states, scalars) -> None:
+        for p, g, st, (_, s) in zip(params, grads, states, scalars):
+            self._kernel(p, g, st, hp, s)
             st["step"] += 1
         self._used.add("reference")
 
-    def _foreach(self, hp, params, states, scalars) -> None:
+    def _foreach(self, hp, params, grads, states, scalars) -> None:
         """The reference kernel on TensorLists, one call per run of equal scalars."""
         runs: dict = {}
         for i, (key, s) in enumerate(scalars):
             runs.setdefault(key, (s, []))[1].append(i)
         keys = [k for k, v in states[0].items() if isinstance(v, torch.Tensor)]
         for s, idx in runs.values():
-            ps = [params[i] for i in idx]
             sts = [states[i] for i in idx]
             lists = {k: TensorList([st[k] for st in sts]) for k in keys}
-            self._kernel(TensorList(ps), TensorList([p.grad for p in ps]), lists, hp, s)
+            self._kernel(TensorList([params[i] for i in idx]),
+                         TensorList([grads[i] for i in idx]), lists, hp, s)
             for st in sts:
                 st["step"] += 1
         self._used.add("foreach")
 
-    def _fused_rows(self, params, states, scalars, key: _gate.Bucket) -> list[tuple]:
+    def _fused_rows(self, params, grads, states, scalars, key: _gate.Bucket) -> list[tuple]:
         """One row of the kernel's tensor struct per tensor (`optimlab._ext.run`)."""
         spec = self.fused
         present = {k for k, _ in key.state}
         keys = [k if k in present else None for k in spec.state]
         values: dict = {}
         rows = []
-        for p, st, (skey, s) in zip(params, states, scalars):
+        for p, g, st, (skey, s) in zip(params, grads, states, scalars):
             sv = values.get(skey)           # the scalars' fields, once per distinct key
             if sv is None:
                 sv = values[skey] = tuple(getattr(s, f.name) for f in dataclasses.fields(s))
-            rows.append((p.data_ptr(), p.grad.data_ptr(),
+            rows.append((p.data_ptr(), g.data_ptr(),
                          *[st[k].data_ptr() if k is not None else 0 for k in keys],
                          p.numel(), *sv))
         return rows
@@ -237,10 +242,10 @@ class Optimizer(torch.optim.Optimizer):
         return _gate.cpu_kernel_refusal(key, spec.name, spec.state, spec.dtypes,
                                         spec.contiguous_only)
 
-    def _run_cpu(self, key: _gate.Bucket, hp, params, states, scalars) -> bool:
+    def _run_cpu(self, key: _gate.Bucket, hp, params, grads, states, scalars) -> bool:
         """Run optimlab's CPU kernel on a bucket it takes; False when the kernel found that a
         tensor it would write shares memory with another (nothing has been written then)."""
-        rc = _ext.run(self.fused, [hp], self._fused_rows(params, states, scalars, key),
+        rc = _ext.run(self.fused, [hp], self._fused_rows(params, grads, states, scalars, key),
                       self._call(key))
         if rc == _ext.Rc.OVERLAP:
             return False
@@ -255,54 +260,66 @@ class Optimizer(torch.optim.Optimizer):
         (``reason``), or None (the Adam family: torch's fused kernels)."""
         return reason
 
-    def _run_other(self, key: _gate.Bucket, hp, params, states, scalars) -> None:
+    def _run_other(self, key: _gate.Bucket, hp, params, grads, states, scalars) -> None:
         raise NotImplementedError
 
     def _update_group(self, group: dict, params: list[torch.Tensor]) -> None:
         hp = self.Hyper.of(group, params)
         states = self._group_states(group, params)
         scalars = self._scalars(hp, params, states)
+        grads = [p.grad for p in params]
+        if any(_shards.is_dtensor(p) for p in params):
+            # DTensor parameters (FSDP2, tensor parallel): the rule is element-wise, so each
+            # rank updates its own shard, on whichever path takes the local tensors
+            views = _shards.local_views(params, grads, states)
+            self._run(hp, *views, scalars)
+            _shards.write_back(states, views[2])
+        else:
+            self._run(hp, params, grads, states, scalars)
+
+    def _run(self, hp, params, grads, states, scalars) -> None:
+        """One group's update on plain tensors, on the paths ``impl`` asks for."""
         if self.impl == "reference":
-            self._reference(hp, params, states, scalars)
+            self._reference(hp, params, grads, states, scalars)
             return
         # every bucket's path is settled before any bucket runs: impl="fused" refuses before
         # anything is written
         plan = []
-        for key, idx in _gate.buckets(params, states):
+        for key, idx in _gate.buckets(params, grads, states):
             if idx is None:
-                part = (params, states, scalars)
+                part = (params, grads, states, scalars)
             else:
-                part = ([params[i] for i in idx], [states[i] for i in idx],
-                        [scalars[i] for i in idx])
+                part = ([params[i] for i in idx], [grads[i] for i in idx],
+                        [states[i] for i in idx], [scalars[i] for i in idx])
             path = None
             if self.impl in ("auto", "fused"):
                 reason = self._cpu_refusal(key)
                 if reason is None:
                     path = "fused-cpu"
                 else:
-                    reason = self._other_refusal(key, hp, part[1], reason)
+                    reason = self._other_refusal(key, hp, part[2], reason)
                     if reason is None:
                         # torch's kernels have no memory check of their own: overlapping
                         # tensors have one defined result, the reference's
-                        path = "reference" if _gate.shares_memory(part[0], part[1]) else "other"
+                        path = "reference" if _gate.shares_memory(*part[:3]) else "other"
                     elif self.impl == "fused":
                         raise RuntimeError(f"{type(self).__name__}(impl='fused'): {reason}; use "
                                            "impl='auto' to fall back to foreach")
             if path is None:
                 path = "foreach" if self.impl == "foreach" or key.device.type != "cpu" \
                     else "reference"
-                if path == "foreach" and _gate.shares_memory(part[0], part[1]):
+                if path == "foreach" and _gate.shares_memory(*part[:3]):
                     path = "reference"            # the multi-tensor order would differ
             plan.append((path, key, part))
-        for path, key, (ps, sts, sc) in plan:
-            if path == "fused-cpu" and self._run_cpu(key, hp, ps, sts, sc):
+        for path, key, part in plan:
+            if path == "fused-cpu" and self._run_cpu(key, hp, *part):
                 continue
             if path == "other":
-                self._run_other(key, hp, ps, sts, sc)
+                self._run_other(key, hp, *part)
             elif path == "foreach":
-                self._foreach(hp, ps, sts, sc)
+                self._foreach(hp, *part)
             else:   # auto on CPU (torch's CPU foreach kernels are per-tensor loops anyway), or
-                self._reference(hp, ps, sts, sc)   # tensors that share memory
+                self._reference(hp, *part)         # tensors that share memory
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *,
@@ -358,12 +375,18 @@ class Optimizer(torch.optim.Optimizer):
         return None
 
     # --- state dict -----------------------------------------------------------------------
+    def _import_state_dict(self, state_dict: dict) -> dict:
+        """Another library's state dict of the same algorithm in this optimizer's format (its
+        keys and shapes); the shell's default takes torch.optim's as it is (same keys)."""
+        return state_dict
+
     def load_state_dict(self, state_dict: dict) -> None:
         for part in ("state", "param_groups"):
             if not isinstance(state_dict, dict) or part not in state_dict:
                 raise ValueError(f"{type(self).__name__}.load_state_dict: not an optimizer "
                                  f"state dict (expected the keys 'state' and 'param_groups', "
                                  f"got {sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__})")
+        state_dict = self._import_state_dict(state_dict)
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(saved_groups)} parameter groups but this "

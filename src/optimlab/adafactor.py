@@ -140,14 +140,15 @@ import math
 import torch
 from torch.autograd.graph import increment_version
 
-from . import _ext, _gate
+from . import _ext, _gate, _shards
 from ._common import (ShrinkForm, WeightDecay, check_choice, check_range, check_weight_decay,
                       scalar, signed)
 from ._foreach import TensorList
 from ._optimizer import Optimizer
 
 __all__ = ["Adafactor", "AdafactorHyper", "AdafactorStep", "adafactor_step", "adafactor_update",
-           "adafactor_update_foreach", "EPS1_PLACEMENTS", "MOMENTUM_OF", "DECAY_SCALES"]
+           "adafactor_update_foreach", "convert_state_dict", "state_dict_format",
+           "EPS1_PLACEMENTS", "MOMENTUM_OF", "DECAY_SCALES", "STATE_DICT_FORMATS"]
 
 EPS1_PLACEMENTS = ("grad_sq", "clamp")
 MOMENTUM_OF = ("scaled_update", "update")
@@ -256,31 +257,42 @@ def adafactor_update(p, g, state: dict, hp: AdafactorHyper, s: AdafactorStep) ->
     The update is computed in the dtype of the tensor's state (fp32 for bf16/fp16 weights
     with ``upcast``, or as a state dict saved it), on a copy of the weights where that is not
     theirs (rounded back once); the gradient is brought to that dtype, signed (maximize) and
-    given its L2 term there.  A zero-size tensor does not move."""
-    if p.numel() == 0:
+    given its L2 term there.  A zero-size tensor does not move.
+
+    A DTensor ``p`` (FSDP2, tensor parallel; gradient and state DTensors as well) is updated
+    on this rank's shard, and each quantity that spans shards is all-reduced over the mesh
+    dimensions that shard it (`optimlab._shards.Reduction`), per factored matrix:
+    RMS(theta_{t-1}) (one number, with ``scale_parameter``), the mean of G^2 + eps1 over a
+    sharded dimension (the column statistic C_t of a row-sharded matrix: m numbers; the row
+    statistic R_t of a column-sharded one: n numbers), the mean of R_t over the rows where R_t
+    is sharded (one number per batch index), and RMS(U_t) (one number).  A vector sends two
+    numbers.  Every rank calls the same collectives, an empty shard included."""
+    red = _shards.Reduction(p)
+    if red.numel == 0:
         return
     if p.is_meta:
         raise NotImplementedError(
             "optimlab.Adafactor cannot step meta tensors: its step size and update clipping "
             "read RMS values of the data (torch.optim.Adafactor cannot either)")
-    if type(p).__name__ == "DTensor":
-        raise NotImplementedError(
-            "optimlab.Adafactor does not take DTensor (FSDP2, tensor-parallel) parameters: its "
-            "factored statistics and RMS need collectives over the parameter's mesh; the other "
-            "optimlab optimizers do take them")
+    if red.sharded:
+        [p], [g], [state] = _shards.local_views([p], [g], [state])
     row, col, v = state.get("exp_avg_sq_row"), state.get("exp_avg_sq_col"), state.get("exp_avg_sq")
     dtype = (row if row is not None else v).dtype
     work = p if dtype == p.dtype else p.to(dtype)           # e.g. an fp32 copy of a bf16 p
     g = hp.decay.grad(work, signed(g.to(dtype), hp.maximize))
-    _adafactor_tensor(work, g, state.get("exp_avg"), row, col, v, hp, s)
+    _adafactor_tensor(work, g, state.get("exp_avg"), row, col, v, hp, s, red)
     if work is not p:
         p.copy_(work)
 
 
 def _adafactor_tensor(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor | None,
                       row: torch.Tensor | None, col: torch.Tensor | None,
-                      v: torch.Tensor | None, hp: AdafactorHyper, s: AdafactorStep) -> None:
+                      v: torch.Tensor | None, hp: AdafactorHyper, s: AdafactorStep,
+                      red: _shards.Reduction) -> None:
     """`adafactor_update` of a tensor in its compute dtype, ``g`` signed and with its L2 term.
+    The tensors may be a DTensor's local shards: the reductions over the whole tensor or over
+    one of its dimensions go through ``red``, which all-reduces what spans shards (for a
+    plain tensor they are torch's own reductions, unchanged).
 
     ``row``/``col`` are the factored second moment (shapes ``p.shape[:-1]`` and
     ``p.shape[:-2] + p.shape[-1:]``) or None, in which case ``v`` (shape of ``p``) is the
@@ -294,15 +306,15 @@ def _adafactor_tensor(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor | 
     fairseq = hp.grad_sq
     rho, eps1, eps2, clip_threshold = s.rho, hp.eps1, hp.eps2, hp.clip_threshold
     beta1 = hp.beta1 if hp.momentum else None
-    n = p.numel()
+    n = red.numel                                      # of the whole (global) tensor
 
     # alpha_t = max(eps2, RMS(X_{t-1})) * rho_t, read before this step's decay
     if not hp.scale_parameter:
         alpha = rho
     elif fairseq:       # a 0-dim tensor, or the float eps2 * rho_t where the floor binds
-        alpha = max(eps2, p.norm(2) / (n ** 0.5)) * rho
+        alpha = max(eps2, red.norm(p) / (n ** 0.5)) * rho
     else:
-        alpha = max(eps2, p.norm(2).item() / (n ** 0.5)) * rho
+        alpha = max(eps2, red.norm(p).item() / (n ** 0.5)) * rho
 
     def shrink() -> None:
         if hp.decay.lam == 0:
@@ -320,9 +332,10 @@ def _adafactor_tensor(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor | 
         beta2 = 1.0 - s.decay_weight                   # beta2_t = 1 - t^c
         sq = g * g + eps1                              # G_t^2 + eps1
         if row is not None:
-            row.mul_(beta2).add_(sq.mean(dim=-1), alpha=1.0 - beta2)
-            col.mul_(beta2).add_(sq.mean(dim=-2), alpha=1.0 - beta2)
-            r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+            row.mul_(beta2).add_(red.mean(sq, -1, of=-1), alpha=1.0 - beta2)
+            col.mul_(beta2).add_(red.mean(sq, -2, of=-2), alpha=1.0 - beta2)
+            # (R_t's last dimension is the parameter's rows)
+            r_factor = (row / red.mean(row, -1, of=-2, keepdim=True)).rsqrt_().unsqueeze(-1)
             c_factor = col.unsqueeze(-2).rsqrt()
             u = torch.mul(r_factor, c_factor).mul_(g)
         else:
@@ -331,11 +344,11 @@ def _adafactor_tensor(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor | 
     else:
         weight = s.decay_weight                        # 1 - beta2_t = t^c
         if row is not None:
-            row.lerp_(torch.linalg.vector_norm(g, dim=-1).square_().div_(g.size(-1)), weight)
-            col.lerp_(torch.linalg.vector_norm(g, dim=-2).square_().div_(g.size(-2)), weight)
+            row.lerp_(red.mean_sq(g, -1), weight)
+            col.lerp_(red.mean_sq(g, -2), weight)
             r = row.unsqueeze(-1)
             var = r @ col.unsqueeze(-2)                # R C (outer product per batch index)
-            var.div_(r.mean(dim=-2, keepdim=True).clamp_(min=eps1))
+            var.div_(red.mean(r, -2, of=-2, keepdim=True).clamp_(min=eps1))
         else:
             v.lerp_(g * g, weight)
             var = v.clone()
@@ -343,7 +356,7 @@ def _adafactor_tensor(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor | 
 
     # update clipping, U^_t = U_t / max(1, RMS(U_t) / d), then the step
     if fairseq:
-        u.div_((u.norm(2) / (n ** 0.5) / clip_threshold).clamp_(min=1.0))     # U^_t
+        u.div_((red.norm(u) / (n ** 0.5) / clip_threshold).clamp_(min=1.0))     # U^_t
         if beta1 is None:
             p.sub_(u.mul_(alpha))
         elif hp.momentum == 1:                         # of the scaled update
@@ -353,7 +366,7 @@ def _adafactor_tensor(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor | 
             exp_avg.mul_(beta1).add_(u, alpha=1.0 - beta1)
             p.sub_(exp_avg * alpha)
     else:
-        clip = max(1.0, u.norm(2).item() / ((n ** 0.5) * clip_threshold))
+        clip = max(1.0, red.norm(u).item() / ((n ** 0.5) * clip_threshold))
         if beta1 is None:
             p.add_(u, alpha=-alpha / clip)
         elif hp.momentum == 1:
@@ -478,6 +491,96 @@ def adafactor_update_foreach(ps: list[torch.Tensor], gs: list[torch.Tensor],
 
 _F32, _F64 = torch.float32, torch.float64
 
+STATE_DICT_FORMATS = ("optimlab", "torch", "transformers")
+# group keys: optimlab's name -> torch.optim.Adafactor's
+_TORCH_GROUP_KEYS = {"lr": "lr", "decay_rate": "beta2_decay", "eps": "eps", "clip_threshold": "d",
+                     "weight_decay": "weight_decay", "maximize": "maximize"}
+_HF_GROUP_KEYS = ("lr", "eps", "clip_threshold", "decay_rate", "beta1", "weight_decay",
+                  "scale_parameter", "relative_step", "warmup_init")
+
+
+def state_dict_format(state_dict: dict) -> str:
+    """Which library wrote an Adafactor state dict: ``"torch"`` (torch.optim: ``row_var`` of
+    shape (..., n, 1), ``col_var`` (..., 1, m), ``variance``, a tensor ``step``),
+    ``"transformers"`` (the keys used here, plus ``RMS``) or ``"optimlab"``."""
+    states = state_dict.get("state", {}).values()
+    if any("row_var" in st or "variance" in st for st in states) or \
+            any("beta2_decay" in g for g in state_dict.get("param_groups", ())):
+        return "torch"
+    if any("RMS" in st for st in states):
+        return "transformers"
+    return "optimlab"
+
+
+def convert_state_dict(state_dict: dict, to: str) -> dict:
+    """An Adafactor state dict of torch.optim, transformers or optimlab (`state_dict_format`)
+    in the format ``to``, so that a run switches library mid-way without losing its
+    statistics: the three keep the same numbers (the row and column *means* of G^2, the step
+    count, the first moment of transformers/optimlab), under other keys and shapes.
+
+    * torch.optim: ``row_var`` = R with a trailing 1, ``col_var`` = C with a 1 before the last
+      dimension, ``variance`` = V; ``step`` a float32 tensor; group keys ``beta2_decay`` (our
+      ``decay_rate``) and ``d`` (``clip_threshold``).  torch.optim has no first moment: a
+      state with ``exp_avg`` does not convert to it (ValueError).
+    * transformers: our keys, plus ``RMS`` (which transformers recomputes at every step before
+      use: written as 0.0, dropped on import).
+
+    Groups keep the keys the target knows; options the target lacks take the defaults of the
+    optimizer that loads the result (build it with the same settings: e.g.
+    `optimlab.compat.torch.Adafactor` for torch.optim's).  Tensors are shared, not copied."""
+    check_choice("to", to, STATE_DICT_FORMATS)
+    src = state_dict_format(state_dict)
+    states, groups = {}, []
+    for pid, st in state_dict["state"].items():        # to optimlab's keys first
+        st = dict(st)
+        st.pop("RMS", None)
+        if "row_var" in st:
+            st["exp_avg_sq_row"] = st.pop("row_var").squeeze(-1)
+            st["exp_avg_sq_col"] = st.pop("col_var").squeeze(-2)
+        if "variance" in st:
+            st["exp_avg_sq"] = st.pop("variance")
+        if isinstance(st.get("step"), torch.Tensor):
+            st["step"] = int(st["step"].item())
+        states[pid] = st
+    for g in state_dict["param_groups"]:
+        g = dict(g)
+        if src == "torch":
+            g.pop("foreach", None)
+            for ours, theirs in _TORCH_GROUP_KEYS.items():
+                if theirs != ours and theirs in g:
+                    g[ours] = g.pop(theirs)
+        if g.get("lr", 0) is None:                     # transformers' relative step: the cap
+            g.pop("lr")                                # eta is the loading optimizer's lr
+        groups.append(g)
+    if to == "optimlab":
+        return {"state": states, "param_groups": groups}
+    out_states = {}
+    for pid, st in states.items():
+        st = dict(st)
+        if to == "torch":
+            if "exp_avg" in st:
+                raise ValueError("convert_state_dict(to='torch'): torch.optim.Adafactor has no "
+                                 "first moment, and this state has one (beta1 is set)")
+            if "exp_avg_sq_row" in st:
+                st["row_var"] = st.pop("exp_avg_sq_row").unsqueeze(-1)
+                st["col_var"] = st.pop("exp_avg_sq_col").unsqueeze(-2)
+            if "exp_avg_sq" in st:
+                st["variance"] = st.pop("exp_avg_sq")
+            st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32)
+        else:
+            st["RMS"] = 0.0
+        out_states[pid] = st
+    out_groups = []
+    for g in groups:
+        if to == "torch":
+            ng = {theirs: g[ours] for ours, theirs in _TORCH_GROUP_KEYS.items() if ours in g}
+            ng["foreach"] = None
+        else:
+            ng = {k: g[k] for k in _HF_GROUP_KEYS if k in g}
+        ng["params"] = g["params"]
+        out_groups.append(ng)
+    return {"state": out_states, "param_groups": out_groups}
+
 
 class Adafactor(Optimizer):
     r"""Adafactor with every published choice named (see the module docstring for the math).
@@ -570,20 +673,24 @@ class Adafactor(Optimizer):
         if group["warmup_init"] and not group["relative_step"]:
             raise ValueError("Invalid warmup_init: True requires relative_step=True")
 
+    def _import_state_dict(self, state_dict: dict) -> dict:
+        """torch.optim's and transformers' Adafactor state dicts load (`convert_state_dict`)."""
+        return convert_state_dict(state_dict, "optimlab") \
+            if state_dict_format(state_dict) != "optimlab" else state_dict
+
     def _state_dtype(self, p: torch.Tensor, group: dict) -> torch.dtype:
         return torch.float32 if group["upcast"] and p.dtype in _LOW_PRECISION else p.dtype
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         dtype = self._state_dtype(p, group)
-        kw = dict(dtype=dtype, device=p.device)
-        shape = tuple(p.shape)
         state: dict = {"step": 0}
         if group["beta1"] is not None:
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype,
                                                 memory_format=torch.preserve_format)
-        if len(shape) >= 2:                            # n + m numbers per matrix
-            state["exp_avg_sq_row"] = torch.zeros(shape[:-1], **kw)
-            state["exp_avg_sq_col"] = torch.zeros(shape[:-2] + shape[-1:], **kw)
+        if p.dim() >= 2:                               # n + m numbers per matrix
+            # (on a DTensor's mesh, sharded as the parameter's rows resp. columns are)
+            state["exp_avg_sq_row"] = _shards.reduced_zeros(p, -1, dtype)
+            state["exp_avg_sq_col"] = _shards.reduced_zeros(p, -2, dtype)
         else:
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype,
                                                    memory_format=torch.preserve_format)
@@ -601,17 +708,33 @@ class Adafactor(Optimizer):
             out.append(s)
         return out
 
-    def _foreach(self, hp: AdafactorHyper, params, states, scalars) -> None:
+    def _update_group(self, group: dict, params: list[torch.Tensor]) -> None:
+        if not any(_shards.is_dtensor(p) for p in params):
+            super()._update_group(group, params)
+            return
+        # DTensors: the reference kernel, whose reductions all-reduce across the shards; no
+        # fused or multi-tensor kernel can, as its passes need collectives between them
+        if self.impl == "fused":
+            raise RuntimeError("Adafactor(impl='fused'): DTensor parameters need collectives "
+                               "between the kernel's passes (the factored statistics and RMS "
+                               "values span shards); use impl='auto'")
+        hp = self.Hyper.of(group, params)
+        states = self._group_states(group, params)
+        self._reference(hp, params, [p.grad for p in params], states,
+                        self._scalars(hp, params, states))
+
+    def _foreach(self, hp: AdafactorHyper, params, grads, states, scalars) -> None:
         live = [i for i, p in enumerate(params) if p.numel() > 0]
         if live:
             ps, sts = [params[i] for i in live], [states[i] for i in live]
+            gs = [grads[i] for i in live]
             st0 = sts[0]
             dtype = st0["exp_avg_sq_row" if "exp_avg_sq_row" in st0 else "exp_avg_sq"].dtype
             works = [p if dtype == p.dtype else p.to(dtype) for p in ps]
-            grads = TensorList([p.grad.to(dtype) for p in ps])
-            grads = hp.decay.grad(TensorList(works), signed(grads, hp.maximize)).ts
+            gs = TensorList([g.to(dtype) for g in gs])
+            gs = hp.decay.grad(TensorList(works), signed(gs, hp.maximize)).ts
             adafactor_update_foreach(
-                works, grads, [s.get("exp_avg") for s in sts],
+                works, gs, [s.get("exp_avg") for s in sts],
                 [s.get("exp_avg_sq_row") for s in sts], [s.get("exp_avg_sq_col") for s in sts],
                 [s.get("exp_avg_sq") for s in sts], hp, [scalars[i][1] for i in live])
             for p, w in zip(ps, works):
@@ -624,7 +747,8 @@ class Adafactor(Optimizer):
     def _checked_step(self, work) -> bool | None:
         """The whole step (every group) in one call of the fused kernel, which runs pass 1 of
         every tensor before it writes anything and finds non-finite gradients on the way."""
-        if self.impl not in ("auto", "fused") or not _ext.available():
+        if self.impl not in ("auto", "fused") or not _ext.available() or \
+                any(_shards.is_dtensor(p) for _, params in work for p in params):
             return None
         live = [(group, params) for group, params in work if params]
         fresh, hps, rows, parts, keys = [], [], [], [], set()
@@ -636,12 +760,14 @@ class Adafactor(Optimizer):
                 scalars = self._scalars(hp, params, states, gi)
                 # factored and unfactored tensors are buckets of their own (their state keys
                 # differ); the kernel takes them all in one call of one dtype combination
-                for key, idx in _gate.buckets(params, states):
+                grads = [p.grad for p in params]
+                for key, idx in _gate.buckets(params, grads, states):
                     if self._cpu_refusal(key) is not None:
                         return None
                     keys.add((key.param_dtype, key.grad_dtype, key.state_dtype(self.fused.state)))
                     pick = (lambda xs: xs) if idx is None else (lambda xs: [xs[i] for i in idx])
-                    rows.extend(self._fused_rows(pick(params), pick(states), pick(scalars), key))
+                    rows.extend(self._fused_rows(pick(params), pick(grads), pick(states),
+                                                 pick(scalars), key))
                 hps.append(hp)
                 parts.append((params, states))
             if len(keys) != 1:

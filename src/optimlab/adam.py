@@ -285,7 +285,7 @@ class Adam(Optimizer):
             return f"{reason}; {e}"
         return None
 
-    def _run_other(self, key, hp: AdamHyper, params, states, scalars) -> None:
+    def _run_other(self, key, hp: AdamHyper, params, grads, states, scalars) -> None:
         amsgrad = hp.amsgrad and "max_exp_avg_sq" in states[0]
         by_step: dict[int, list[int]] = {}
         for i, state in enumerate(states):
@@ -295,7 +295,7 @@ class Adam(Optimizer):
             adamw, lr_k, eps_k, wd_k = torch_fused_adam_scalars(hp, step)
             fn = torch._fused_adamw_ if adamw else torch._fused_adam_
             step_t = torch.tensor(float(step), dtype=torch.float32, device=device)
-            fn([params[i] for i in idx], [params[i].grad for i in idx],
+            fn([params[i] for i in idx], [grads[i] for i in idx],
                [states[i]["exp_avg"] for i in idx], [states[i]["exp_avg_sq"] for i in idx],
                [states[i]["max_exp_avg_sq"] for i in idx] if amsgrad else [],
                [step_t] * len(idx), amsgrad=amsgrad, lr=lr_k, beta1=hp.beta1, beta2=hp.beta2,

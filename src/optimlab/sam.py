@@ -71,6 +71,12 @@ DistributedDataParallel (``perturbation=``):
   ranks skip together.  ``step(closure)`` cannot insert ``no_sync`` for you: use the helper or
   the two-call form.
 
+FSDP2 and other DTensor parameters: the gradient norm N is the only quantity that spans
+shards.  Each rank sums the squares of its shards' T_w g, and one all-reduce (one number per
+set of parameters sharded alike, usually one) over the mesh dimensions that shard them gives
+every rank the global N; w is saved and perturbed shard by shard, with no other
+communication.  An FSDP2 run equals a single-process run on the global batch.
+
 Mixed precision.  Under ``torch.autocast`` nothing changes (the gradients are in the
 parameters' dtype).  With a ``torch.amp.GradScaler`` the order is, per update (the helper does
 exactly this; ``step(closure)`` does not support a scaler):
@@ -97,6 +103,7 @@ from typing import Any
 
 import torch
 
+from . import _shards
 from ._common import NONFINITE_POLICIES
 from ._optimizer import Optimizer as _OptimlabOptimizer
 from ._common import all_finite, check_choice, check_range, report_nonfinite
@@ -116,15 +123,27 @@ def _acc_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
 def sam_grad_norm(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                   adaptive: Sequence[bool], eta: Sequence[float]) -> torch.Tensor:
     """N = ||T_w g||_2 over all the given tensors (T_w = |w| + eta where adaptive, else 1):
-    a 0-dim float32 tensor (float64 if any parameter is float64) on the first tensor's device."""
+    a 0-dim float32 tensor (float64 if any parameter is float64) on the first tensor's device,
+    a plain tensor even for DTensor parameters: their shards' squared norms are summed and
+    all-reduced over the mesh dimensions that shard them, one all-reduce per set of
+    parameters sharded alike."""
     dtype = _acc_dtype(params)
-    device = grads[0].device
+    lps, lgs, _ = _shards.local_views(params, grads, [{} for _ in params])
+    device = lgs[0].device
     norms = []
-    for p, g, a, e in zip(params, grads, adaptive, eta):
+    sharded: dict = {}                  # (mesh, sharding mesh dims) -> local sum of squares
+    for p, lp, g, a, e in zip(params, lps, lgs, adaptive, eta):
         x = g.to(dtype)
         if a:
-            x = x * p.detach().to(dtype).abs().add_(e)
-        norms.append(torch.linalg.vector_norm(x, 2).to(device))
+            x = x * lp.detach().to(dtype).abs().add_(e)
+        if _shards.is_dtensor(p):
+            key = (p.device_mesh, tuple(_shards.sharding_dims(p)))
+            sq = torch.linalg.vector_norm(x, 2).square().reshape(1)
+            sharded[key] = sq if key not in sharded else sharded[key] + sq
+        else:
+            norms.append(torch.linalg.vector_norm(x, 2).to(device))
+    for (mesh, dims), sq in sharded.items():
+        norms.append(_shards.all_reduce_sum(sq, mesh, dims).sqrt().reshape(()).to(device))
     return torch.linalg.vector_norm(torch.stack(norms), 2)
 
 
@@ -306,24 +325,28 @@ class SAM(torch.optim.Optimizer):
                 return False
         saved = {}
         n = None
-        for p, group in work:
+        # (a DTensor is saved and perturbed on its local shard)
+        lps, lgs, _ = _shards.local_views([p for p, _ in work], [p.grad for p, _ in work],
+                                          [{} for _ in work])
+        for (p, group), lp, lg in zip(work, lps, lgs):
             # w is saved into a buffer kept from step to step (one copy of the parameters, the
             # memory SAM needs anyway): a fresh copy per update costs far more than the copy
             # itself (new pages are zeroed by the OS); see ``optimlab bench --optimizers sam``
             buf = self._w_buffers.get(p)
-            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or \
-                    buf.device != p.device:
-                buf = self._w_buffers[p] = torch.empty_like(p, memory_format=torch.preserve_format)
-            buf.copy_(p)
+            if buf is None or buf.shape != lp.shape or buf.dtype != lp.dtype or \
+                    buf.device != lp.device:
+                buf = self._w_buffers[p] = torch.empty_like(lp,
+                                                            memory_format=torch.preserve_format)
+            buf.copy_(lp)
             saved[p] = buf
-            if not group["adaptive"] and p.grad.dtype == p.dtype == norm.dtype:
+            if not group["adaptive"] and lg.dtype == lp.dtype == norm.dtype:
                 if n is None:
                     n = float(norm)
                 # w + (rho / N) g in one pass, no temporary (rounds as torch's add with alpha)
-                p.add_(p.grad, alpha=group["rho"] / n if n > 0 else 0.0)
+                lp.add_(lg, alpha=group["rho"] / n if n > 0 else 0.0)
             else:
-                p.add_(sam_perturbation(p, p.grad, norm, rho=group["rho"],
-                                        adaptive=group["adaptive"], eta=group["eta"]))
+                lp.add_(sam_perturbation(lp, lg, norm, rho=group["rho"],
+                                         adaptive=group["adaptive"], eta=group["eta"]))
         self._saved_w = saved
         if zero_grad:
             self.zero_grad()
@@ -335,7 +358,7 @@ class SAM(torch.optim.Optimizer):
         if self._saved_w is None:
             return
         for p, w in self._saved_w.items():
-            p.copy_(w)
+            _shards.local(p).copy_(w)
         self._saved_w = None
 
     @torch.no_grad()

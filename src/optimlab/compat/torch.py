@@ -110,7 +110,8 @@ def Adafactor(params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight
 
     A 1-element tensor ``lr`` is read once, here (torch reads it at every step).  State keys
     are optimlab's (``exp_avg_sq_row``/``exp_avg_sq_col`` without torch's keepdim axis,
-    ``exp_avg_sq``), so torch.optim.Adafactor state dicts do not load."""
+    ``exp_avg_sq``); torch.optim.Adafactor state dicts load all the same (converted on load,
+    `optimlab.adafactor.convert_state_dict`), and `torch_state_dict` writes one for torch."""
     if hasattr(lr, "numel"):
         if lr.numel() != 1:
             raise ValueError("Invalid lr: Tensor lr must be 1-element")
@@ -124,3 +125,21 @@ def Adafactor(params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight
                                 decay_scale="lr", wd_after_update=False, upcast=False,
                                 maximize=maximize, nonfinite=nonfinite,
         impl=impl_from_flags("torch.optim.Adafactor", foreach, None))
+
+
+def torch_state_dict(optimizer) -> dict:
+    """``optimizer.state_dict()`` (an optimizer built by one of these constructors) in
+    torch.optim's format, for the torch.optim class of the same algorithm to load and continue
+    the run: Adafactor's keys and shapes converted (`optimlab.adafactor.convert_state_dict`),
+    RAdam's decay named as torch names it (``decoupled_weight_decay``).  The others' state
+    dicts are torch.optim's already (torch turns the int ``step`` into its tensor).  Load it
+    with ``load_state_dict``; torch.optim keeps the tensors it is given, so a state dict that
+    is still in use elsewhere should be copied first (a checkpoint file is)."""
+    sd = optimizer.state_dict()
+    if isinstance(optimizer, _adafactor.Adafactor):
+        return _adafactor.convert_state_dict(sd, "torch")
+    if isinstance(optimizer, _radam.RAdam):
+        groups = [dict(g, decoupled_weight_decay=g.get("wd_mode") == "decoupled")
+                  for g in sd["param_groups"]]
+        return {"state": sd["state"], "param_groups": groups}
+    return sd
