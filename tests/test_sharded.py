@@ -99,6 +99,15 @@ def _placements_scenario(rank, world) -> dict:
                 else:
                     assert v == w, (name, k)
         out[name] = (worst, ob.last_step_impls)
+    # a Partial parameter (summands, not values) is refused, naming the placement
+    from torch.distributed.tensor import DTensor, Partial
+    p = nn.Parameter(DTensor.from_local(torch.ones(3), meshes[1], [Partial()]))
+    p.grad = DTensor.from_local(torch.ones(3), meshes[1], [Partial()])
+    try:
+        A.AdamW([p]).step()
+        out["partial"] = None
+    except ValueError as e:
+        out["partial"] = str(e)
     return out
 
 
@@ -295,6 +304,11 @@ def test_every_placement_equals_the_whole_tensors(sharded, name):
         assert worst <= TOL, (name, worst)
         if not name.startswith("adafactor"):
             assert "fused-cpu" in impls or not A._ext.available(), (name, impls)
+
+
+def test_a_partial_parameter_is_refused(sharded):
+    for r in sharded[1]:
+        assert "Partial placement" in (r["placements"]["partial"] or ""), r["placements"]["partial"]
 
 
 @pytest.mark.parametrize("name", NAMES + ["sam", "asam"])

@@ -59,11 +59,11 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
-def check_placements(p: torch.Tensor, what: str = "parameter") -> None:
+def check_placements(p: torch.Tensor) -> None:
     """A parameter is sharded or replicated on each mesh dimension, never partial."""
     for i, pl in enumerate(p.placements):
         if pl.is_partial():
-            raise ValueError(f"a DTensor {what} with a Partial placement on mesh dimension {i} "
+            raise ValueError(f"a DTensor parameter with a Partial placement on mesh dimension {i} "
                              f"({p.placements}): an optimizer needs its values; call "
                              f"redistribute() to Shard or Replicate first")
 
@@ -166,7 +166,6 @@ class Reduction:
         self.sharded = is_dtensor(p)
         self.shape = tuple(p.shape)                 # global
         self.numel = p.numel()
-        self.dim = p.dim()
         self._p = p if self.sharded else None
         if self.sharded:
             check_placements(p)
