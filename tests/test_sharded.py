@@ -180,6 +180,36 @@ def _fsdp_scenario(rank, world) -> dict:
     return out
 
 
+def _accumulate_scenario(rank, world) -> dict:
+    """`accumulate_and_step` on the FSDP2 model with shares of the batch that differ between
+    the ranks (5 and 3 of 8 examples, in 2 micro-batches each; FSDP2 averages over the ranks, so
+    the helper must weight by the global count), clipping on, vs one process on the whole
+    batch; and SAM's local perturbation, which FSDP2 cannot give, refused."""
+    out = {}
+    mine = [0, 1, 2, 3, 4] if rank == 0 else [5, 6, 7]
+    makes = [("adamw", lambda p: A.AdamW(p, lr=1e-2, weight_decay=0.1)),
+             ("sam", lambda p: A.SAM(p, A.AdamW, rho=0.05, lr=1e-2)),
+             ("asam", lambda p: A.SAM(p, A.SGD, rho=0.5, adaptive=True, lr=0.1, momentum=0.9))]
+    for name, make in makes:
+        model, ref = _fsdp_model(), _Model()
+        opt, ropt = make(model.parameters()), make(ref.parameters())
+        for t in range(3):
+            x = _batch(t)
+            micro = [x[mine[:len(mine) // 2 + 1]], x[mine[len(mine) // 2 + 1:]]]
+            A.accumulate_and_step(model, opt, micro, _loss, max_grad_norm=0.5)
+            A.accumulate_and_step(ref, ropt, [x], _loss, max_grad_norm=0.5)
+        out[name] = max(_scaled(p.full_tensor(), q) for p, q in
+                        zip(model.parameters(), ref.parameters()))
+    model = _fsdp_model()
+    try:
+        A.accumulate_and_step(model, A.SAM(model.parameters(), A.SGD, perturbation="local",
+                                           lr=0.1), [_batch(0)[rank * 4:(rank + 1) * 4]], _loss)
+        out["local"] = None
+    except ValueError as e:
+        out["local"] = str(e)
+    return out
+
+
 def _nonfinite_scenario(rank, world) -> dict:
     """A NaN in rank 1's shard of one gradient: every rank skips; parameters and state are
     bit-identical to before the step on every rank."""
@@ -273,6 +303,7 @@ def _worker(rank, world, port, out_dir):
         warnings.filterwarnings("ignore", message=".*torch.distributed.*")
         results = {"placements": _placements_scenario(rank, world),
                    "fsdp": _fsdp_scenario(rank, world),
+                   "accumulate": _accumulate_scenario(rank, world),
                    "nonfinite": _nonfinite_scenario(rank, world),
                    "dcp": _dcp_scenario(rank, world, out_dir),
                    "zero": _zero_scenario(rank, world)}
@@ -317,6 +348,20 @@ def test_fsdp2_two_ranks_equal_one_process(sharded, name):
     whole batch: every optimizer with its defaults and fast paths, SAM and ASAM."""
     for r in sharded[1]:
         assert r["fsdp"][name] <= TOL, (name, r["fsdp"][name])
+
+
+@pytest.mark.parametrize("name", ["adamw", "sam", "asam"])
+def test_accumulate_and_step_on_fsdp2_with_unequal_shares_equals_one_process(sharded, name):
+    """Micro-batches of other sizes on each rank (5 and 3 examples): `accumulate_and_step`
+    weights them by the global count, so FSDP2's average over the ranks gives the
+    global-batch gradient; clipping and SAM's norm span the shards."""
+    for r in sharded[1]:
+        assert r["accumulate"][name] <= TOL, (name, r["accumulate"][name])
+
+
+def test_sam_local_perturbation_is_refused_under_fsdp2(sharded):
+    for r in sharded[1]:
+        assert "perturbation='local'" in (r["accumulate"]["local"] or ""), r["accumulate"]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -311,22 +311,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not torch.distributed.is_available() or
-                    not torch.distributed.is_gloo_available(), reason="needs gloo")
-def test_torchrun_two_processes_equal_one_process(tiny_nodrop, tmp_path, capsys):
-    extra = ["--sam", "--rho", "0.05", "--max-grad-norm", "0.5", "--dropout", "0", "--device",
-             "cpu"]
+def _torchrun(argv: list, timeout: float = 150) -> None:
+    """``optimlab`` under torchrun with 2 gloo processes (one thread each); fails the test on an
+    error or after ``timeout`` seconds."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     if "GLOO_SOCKET_IFNAME" not in env and os.path.exists("/sys/class/net/lo"):
         env["GLOO_SOCKET_IFNAME"] = "lo"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
            "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
-           "-m", "optimlab.cli", *_args(tiny_nodrop, tmp_path / "ddp", *extra)]
+           "-m", "optimlab.cli", *map(str, argv)]
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        pytest.fail("torchrun with 2 gloo processes did not finish within 150 s")
+        pytest.fail(f"torchrun with 2 gloo processes did not finish within {timeout:.0f} s")
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+needs_gloo = pytest.mark.skipif(not torch.distributed.is_available() or
+                                not torch.distributed.is_gloo_available(), reason="needs gloo")
+
+
+@needs_gloo
+def test_torchrun_two_processes_equal_one_process(tiny_nodrop, tmp_path, capsys):
+    extra = ["--sam", "--rho", "0.05", "--max-grad-norm", "0.5", "--dropout", "0", "--device",
+             "cpu"]
+    _torchrun(_args(tiny_nodrop, tmp_path / "ddp", *extra))
     code, _, err = _cli(_args(tiny_nodrop, tmp_path / "one", *extra), capsys)
     assert code == 0, err
 
@@ -341,6 +350,139 @@ def test_torchrun_two_processes_equal_one_process(tiny_nodrop, tmp_path, capsys)
     assert moved > 1e-3                                 # the comparison is not trivial
     assert [e["dev_acc"] for e in _metrics(tmp_path / "ddp")["epochs"]] == \
         [e["dev_acc"] for e in _metrics(tmp_path / "one")["epochs"]]
+
+
+# ------------------------------------------------------------------ FSDP: --fsdp under torchrun
+# 43 examples: the last batch (3) splits 2 + 1, so --grad-accum 2 must give each process one
+# micro-batch; 16 dev examples in batches of 6: 2 batches on one process, 1 on the other, so
+# evaluation must keep the processes in step (FSDP gathers the weights in every forward)
+FSDP_ARGS = ["--fsdp", "--sam", "--rho", "0.05", "--max-grad-norm", "0.5", "--dropout", "0",
+             "--device", "cpu", "--grad-accum", "2", "--max-train-samples", "43",
+             "--eval-batch-size", "6"]
+
+
+def _sharded_state(run) -> dict:
+    """The model and optimizer of a --fsdp run's last checkpoint, as whole tensors."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    ckpt = _ckpt(run)
+    assert "model" not in ckpt and "optimizer" not in ckpt       # they are in the DCP directory
+    assert [d.name for d in (Path(run) / "sharded").iterdir()] == [ckpt["sharded"]]
+    dcp_to_torch_save(Path(run) / "sharded" / ckpt["sharded"], Path(run) / "whole.pt")
+    return torch.load(Path(run) / "whole.pt", weights_only=False)
+
+
+def _sharded_diff(a: dict, b: dict) -> float:
+    """Largest difference between the weights and optimizer states of two --fsdp runs, absolute
+    for values up to 1 and relative above (as tests/test_sharded.py measures)."""
+    pairs = [(a["model"][k], b["model"][k]) for k in b["model"]]
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    pairs += [(v, sb[name][key]) for name in sa for key, v in sa[name].items()
+              if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    return max(((x.double() - y.double()).abs() / y.double().abs().clamp(min=1.0)).max().item()
+               for x, y in pairs if y.numel())
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tiny_nodrop, tmp_path_factory):
+    """With --fsdp: one process; 2 processes; 2 processes stopped after 3 updates and resumed
+    in one; one process stopped after 7 and resumed in 2."""
+    root = tmp_path_factory.mktemp("fsdp")
+    runs = {name: root / name for name in ("one", "two", "two_to_one", "one_to_two")}
+    assert cli.main(_args(tiny_nodrop, runs["one"], *FSDP_ARGS)) == 0
+    _torchrun(_args(tiny_nodrop, runs["two"], *FSDP_ARGS))
+    _torchrun(_args(tiny_nodrop, runs["two_to_one"], *FSDP_ARGS, "--stop-after", 3))
+    assert cli.main(["train", "--resume", str(runs["two_to_one"]), "--no-progress"]) == 0
+    assert cli.main(_args(tiny_nodrop, runs["one_to_two"], *FSDP_ARGS, "--stop-after", 7)) == 0
+    _torchrun(["train", "--resume", runs["one_to_two"], "--no-progress"])
+    return runs
+
+
+@needs_gloo
+def test_fsdp_two_processes_equal_one_process(fsdp_runs, tiny_nodrop):
+    """``--fsdp`` on 2 processes (each transformer block and the model ``fully_shard``ed; SAM,
+    2 micro-batches, clipping) ends with the weights and optimizer state of one process on the
+    same global batches, up to summation order; so do the dev accuracies and the best model."""
+    one, two = _sharded_state(fsdp_runs["one"]), _sharded_state(fsdp_runs["two"])
+    assert _sharded_diff(two, one) <= 1e-6
+    start = BertModel.from_pretrained(tiny_nodrop).state_dict()
+    moved = (one["model"]["encoder.layers.0.ffn_in.weight"] -
+             start["layers.0.ffn_in.weight"]).abs().max()
+    assert moved > 1e-3                                 # the comparison is not trivial
+    m1, m2 = _metrics(fsdp_runs["one"]), _metrics(fsdp_runs["two"])
+    assert m2["world_size"] == 2 and m2["config"]["fsdp"] and m2["examples"]["train"] == 43
+    # each process holds half the optimizer state (to a row: dim 0 does not always halve)
+    state = [m["optimizer_state_mb"] for m in m2["memory"]["per_process"]]
+    assert sum(state) == pytest.approx(m1["memory"]["optimizer_state_mb"], abs=0.01)
+    assert all(0.45 < s / m1["memory"]["optimizer_state_mb"] < 0.55 for s in state), state
+    assert [e["dev_acc"] for e in m2["epochs"]] == [e["dev_acc"] for e in m1["epochs"]]
+    assert [e["train_loss"] for e in m2["epochs"]] == \
+        pytest.approx([e["train_loss"] for e in m1["epochs"]], rel=1e-6)
+    from safetensors.torch import load_file
+    b1, b2 = (load_file(str(fsdp_runs[r] / "best_model.safetensors")) for r in ("one", "two"))
+    assert b1.keys() == b2.keys() and all(torch.allclose(b2[k], b1[k], atol=1e-6) for k in b1)
+    for split in ("dev", "test"):
+        name = f"predictions/full-model-sst-{split}-out.csv"
+        assert (fsdp_runs["two"] / name).read_text() == (fsdp_runs["one"] / name).read_text()
+
+
+@needs_gloo
+@pytest.mark.parametrize("run", ["two_to_one", "one_to_two"])
+def test_fsdp_resumes_on_another_number_of_processes(fsdp_runs, run):
+    """A --fsdp checkpoint written by 2 processes continues in one, and one written by one
+    process continues in 2 (torch.distributed.checkpoint reshards it): the run ends as the
+    uninterrupted one, the epoch's loss carried over from every process that wrote it."""
+    resumed, one = _sharded_state(fsdp_runs[run]), _sharded_state(fsdp_runs["one"])
+    assert _sharded_diff(resumed, one) <= 1e-6
+    m, m1 = _metrics(fsdp_runs[run]), _metrics(fsdp_runs["one"])
+    assert m["status"] == "finished" and m["updates"]["done"] == m1["updates"]["done"]
+    assert [e["train_loss"] for e in m["epochs"]] == \
+        pytest.approx([e["train_loss"] for e in m1["epochs"]], rel=1e-6)
+    assert [e["dev_acc"] for e in m["epochs"]] == [e["dev_acc"] for e in m1["epochs"]]
+
+
+def test_fsdp_in_one_process_resumes_bit_for_bit(tiny, tmp_path, capsys):
+    """One process with --fsdp trains unsharded and checkpoints through
+    torch.distributed.checkpoint: stopped inside an epoch and resumed (dropout on: the RNG
+    travels too), it ends bit for bit as the uninterrupted run."""
+    assert _cli(_args(tiny, tmp_path / "whole", "--fsdp"), capsys)[0] == 0
+    assert _cli(_args(tiny, tmp_path / "cut", "--fsdp", "--stop-after", 3), capsys)[0] == 0
+    code, out, err = _cli(["train", "--resume", tmp_path / "cut", "--no-progress"], capsys)
+    assert code == 0 and "resuming at epoch 1, update 3" in out, err
+    a, b = _sharded_state(tmp_path / "whole"), _sharded_state(tmp_path / "cut")
+    assert _sharded_diff(a, b) == 0.0
+    assert _history(tmp_path / "whole") == _history(tmp_path / "cut")
+
+
+def test_fsdp_a_failed_sharded_save_is_one_line_and_keeps_the_last_checkpoint(
+        tiny, tmp_path, capsys, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    run, real, calls = tmp_path / "run", dcp.save, []
+
+    def save(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:           # the second checkpoint: a rank's write fails
+            real(*a, **k)
+            raise CheckpointException("CheckpointException ranks:dict_keys([0])", {})
+        return real(*a, **k)
+    monkeypatch.setattr(dcp, "save", save)
+    code, _, err = _cli(_args(tiny, run, "--fsdp", "--save-every", "2"), capsys)
+    monkeypatch.undo()
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "sharded checkpoint" in err and "the previous checkpoint.pt is intact" in err
+    assert _ckpt(run)["position"]["step"] == 2
+    assert len(list((run / "sharded").iterdir())) == 1         # the failed one is removed
+    code, _, err = _cli(["train", "--resume", run, "--no-progress"], capsys)
+    assert code == 0, err
+
+
+def test_fsdp_a_missing_sharded_checkpoint_is_one_line(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _cli(_args(tiny, run, "--fsdp", "--stop-after", 2), capsys)[0] == 0
+    shutil.rmtree(run / "sharded")
+    code, _, err = _cli(["train", "--resume", run, "--no-progress"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "missing or incomplete" in err, err
 
 
 # ------------------------------------------------------------------ bad input: one line, exit 2

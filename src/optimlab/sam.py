@@ -76,6 +76,8 @@ shards.  Each rank sums the squares of its shards' T_w g, and one all-reduce (on
 set of parameters sharded alike, usually one) over the mesh dimensions that shard them gives
 every rank the global N; w is saved and perturbed shard by shard, with no other
 communication.  An FSDP2 run equals a single-process run on the global batch.
+``perturbation="local"`` is refused there: FSDP2 reduce-scatters every gradient into shards
+and keeps no whole per-replica gradient to perturb with.
 
 Mixed precision.  Under ``torch.autocast`` nothing changes (the gradients are in the
 parameters' dtype).  With a ``torch.amp.GradScaler`` the order is, per update (the helper does
@@ -99,7 +101,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -464,13 +466,57 @@ def _batch_size(batch: Any) -> int:
                     f"{type(batch).__name__} holds; pass sizes=[...]")
 
 
-def _ddp_world(model: torch.nn.Module):
-    """(process_group, world_size) when ``model`` is DDP under an initialized process group."""
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+class _DataParallel(NamedTuple):
+    """How the engine that wraps a model averages gradients over its replicas."""
+    engine: str                                       # "ddp", "fsdp" or "fsdp2"
+    world: float                                      # the gradient is divided by this
+    sum: Callable[[torch.Tensor], None]               # all-reduce (sum) over those replicas
+    no_sync: Callable[[], contextlib.AbstractContextManager]   # a backward without the reduce
+
+
+def _data_parallel(model: torch.nn.Module) -> _DataParallel | None:
+    """The data-parallel engine around ``model``: DistributedDataParallel (its process group),
+    FSDP2 (``fully_shard``: the mesh it was given, HSDP's two dimensions included, or its
+    ``set_gradient_divide_factor``) or FSDP1; None for a plain model or one process."""
     dist = torch.distributed
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and \
-            dist.is_available() and dist.is_initialized():
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         group = model.process_group
-        return group, dist.get_world_size(group)
+        return _DataParallel("ddp", dist.get_world_size(group),
+                             lambda t: dist.all_reduce(t, group=group), model.no_sync)
+    from torch.distributed import fsdp
+    if isinstance(model, fsdp.FullyShardedDataParallel):
+        group = model.process_group
+        return _DataParallel("fsdp", dist.get_world_size(group),
+                             lambda t: dist.all_reduce(t, group=group), model.no_sync)
+    if isinstance(model, getattr(fsdp, "FSDPModule", ())):
+        groups = [m._get_fsdp_state()._fsdp_param_group for m in model.modules()
+                  if isinstance(m, fsdp.FSDPModule)]
+        groups = [g for g in groups if g is not None]
+        if not groups:
+            return None
+        mesh = groups[0].mesh_info.mesh              # the mesh given to fully_shard
+        factor = groups[0].gradient_divide_factor
+
+        def mesh_sum(t: torch.Tensor) -> None:
+            for d in range(mesh.ndim):
+                dist.all_reduce(t, group=mesh.get_group(d))
+
+        @contextlib.contextmanager
+        def no_sync():
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+
+        return _DataParallel("fsdp2", factor if factor is not None else mesh.size(), mesh_sum,
+                             no_sync)
     return None
 
 
@@ -560,14 +606,17 @@ def accumulate_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer
             norm, clipping and step; a non-finite pass skips the whole update (w restored) and
             the scaler backs off; ``scaler.update()`` is called once.  See the AMP order in
             `optimlab.sam`.
-        no_sync: run all but the last backward of each all-reduced pass under
-            ``model.no_sync()`` (and the whole first pass, for ``perturbation="local"``).
-            None (default): when the model has ``no_sync`` (DDP, FSDP).
+        no_sync: run all but the last backward of each all-reduced pass without the
+            gradient reduction (``model.no_sync()``; FSDP2: ``set_requires_gradient_sync``),
+            and the whole first pass, for ``perturbation="local"``.  None (default): under
+            DDP, FSDP and FSDP2, or when the model has ``no_sync``.
         second_pass_updates_bn: keep the BatchNorm running statistics updated by SAM's second
             pass (default False: they are restored to their values after the first pass).
 
-    Under DDP, N is summed over the ranks (one all-reduce of a count), so replicas holding
-    different numbers of examples still give the global-batch mean gradient.
+    Under DDP, FSDP and FSDP2 (``fully_shard``), which average the gradient over the replicas,
+    N is summed over them (one all-reduce of a count), so replicas holding different numbers
+    of examples still give the global-batch mean gradient.  Under FSDP every rank must pass
+    the same number of micro-batches (each forward gathers the weights from every rank).
 
     Returns:
         The mean loss of the first pass (at w) over this process's examples, as a float.
@@ -586,16 +635,25 @@ def accumulate_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer
     if max_grad_norm is not None:
         check_range("max_grad_norm", max_grad_norm, 0.0, low_open=True)
     local_total = sum(sizes)
-    ddp = _ddp_world(model)
-    if ddp is not None:                     # DDP averages over ranks: weight by world / N_global
-        group, world = ddp
-        count = torch.tensor([float(local_total)], device=next(model.parameters()).device)
-        torch.distributed.all_reduce(count, group=group)
-        weights = [n * world / count.item() for n in sizes]
+    is_sam = isinstance(optimizer, SAM)
+    local = is_sam and optimizer.perturbation == "local"
+    dp = _data_parallel(model)
+    if dp is not None:       # the engine averages over replicas: weight by world / N_global
+        count = torch.tensor([float(local_total)], device=_device(model))
+        dp.sum(count)
+        weights = [n * dp.world / count.item() for n in sizes]
     else:
         weights = [n / local_total for n in sizes]
-    use_no_sync = hasattr(model, "no_sync") if no_sync is None else bool(no_sync)
-    sync_ctx = model.no_sync if use_no_sync else None
+    if local and dp is not None and dp.engine == "fsdp2":
+        raise ValueError("SAM perturbation='local' perturbs each replica with its own whole "
+                         "gradient, which FSDP2 does not keep (it reduce-scatters gradients into "
+                         "shards): use perturbation='global' with fully_shard")
+    use_no_sync = (dp is not None or hasattr(model, "no_sync")) if no_sync is None \
+        else bool(no_sync)
+    if use_no_sync and dp is None and not hasattr(model, "no_sync"):
+        raise ValueError(f"no_sync=True: {type(model).__name__} has no no_sync(); it is for "
+                         f"DistributedDataParallel and FSDP models")
+    sync_ctx = (dp.no_sync if dp is not None else model.no_sync) if use_no_sync else None
     autocast_ctx = _autocast_context(autocast, model)
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
@@ -609,8 +667,6 @@ def accumulate_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer
         grads = [p.grad for p in params if p.grad is not None]
         return not grads or all_finite(grads)
 
-    is_sam = isinstance(optimizer, SAM)
-    local = is_sam and optimizer.perturbation == "local"
     optimizer.zero_grad(set_to_none=True)
     total = _one_pass(model, batches, loss_fn, weights, sizes, autocast_ctx, scaler, sync_ctx,
                       sync_last=not local)
@@ -634,9 +690,9 @@ def accumulate_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer
     if scaler is not None:
         scaler.unscale_(optimizer)
         ok = finite()
-        if local and ddp is not None:
-            ok = not optimizer._any_rank(not ok, next(model.parameters()).device)
-            _sync_found_inf(scaler, optimizer, ddp[0])
+        if local and dp is not None:
+            ok = not optimizer._any_rank(not ok, _device(model))
+            _sync_found_inf(scaler, optimizer, model.process_group)
         if not ok:                            # the scaler's business: skip quietly, back off
             optimizer.zero_grad(set_to_none=True)
             scaler.update()

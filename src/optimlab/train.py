@@ -4,6 +4,7 @@
     optimlab train --task cfimdb --optimizer radam --sam --rho 0.05 --out runs/cfimdb-radam-sam
     optimlab train --resume runs/cfimdb-radam-sam    # continue from the last checkpoint
     torchrun --nproc_per_node=2 -m optimlab.cli train ...   # data-parallel (gloo/nccl)
+    torchrun --nproc_per_node=2 -m optimlab.cli train --fsdp ...   # sharded (FSDP2)
 
 From Python: ``metrics = train(TrainConfig(task="sst", lr=5e-5))`` or ``resume("runs/sst-adamw")``.
 
@@ -22,6 +23,9 @@ What a run directory holds (``--out``, default ``runs/<task>-<optimizer>``):
                             epoch and step within it, the epoch's batch order, history, config
                             (written to a temporary file, then renamed: a crash mid-save leaves
                             the previous checkpoint intact)
+    sharded/<step>-<id>/    with --fsdp: the model and optimizer as a torch.distributed.checkpoint
+                            (each process writes its shards; checkpoint.pt names the directory
+                            and holds the rest), loadable by any number of processes
     best_model.safetensors  the weights of the epoch with the best dev accuracy
     predictions/<mode>-<task>-dev-out.csv, ...-test-out.csv
                             the CS224N format: a header ``id \\t Predicted_Sentiment`` and one
@@ -32,9 +36,13 @@ What a run directory holds (``--out``, default ``runs/<task>-<optimizer>``):
 Batches.  ``batch_size`` is the number of examples per optimizer update over *all* processes
 and micro-batches; ``grad_accum`` splits each process's share into that many micro-batches
 (less memory, the same update); ``torchrun --nproc_per_node=N`` splits each batch over N
-processes (the same update again).  With ``group_by_length`` (default) each epoch shuffles the
-examples, sorts chunks of 50 batches by length, cuts them into batches and shuffles the
-batches: little padding (about 1.8x faster on SST), still a random order.  Resuming is exact:
+processes (the same update again), replicating the model (DDP) or, with ``--fsdp``, sharding
+weights, gradients and optimizer state over them (FSDP2: each transformer block, then the
+rest, ``fully_shard``ed; one process with ``--fsdp`` trains unsharded and writes the same
+checkpoints, so a run moves between numbers of processes with ``--resume``).  With
+``group_by_length`` (default) each epoch shuffles the examples, sorts chunks of 50 batches by
+length, cuts them into batches and shuffles the batches: little padding (about 1.8x faster on
+SST), still a random order.  Resuming is exact:
 the checkpoint holds the epoch's batch order and every process's RNG state.
 """
 
@@ -51,6 +59,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -72,6 +81,7 @@ FINE_TUNE_MODES = ("full-model", "last-linear-layer")
 CHECKPOINT = "checkpoint.pt"
 BEST_MODEL = "best_model.safetensors"
 METRICS = "metrics.json"
+SHARDED = "sharded"          # --fsdp: the torch.distributed.checkpoints checkpoint.pt names
 
 # Per-task defaults (None in TrainConfig means "take it from here").  SST sentences are short;
 # CFIMDB reviews are long (median ~300 tokens), so they get 512 tokens and micro-batches of 8.
@@ -128,6 +138,7 @@ class TrainConfig:
     seed: int = 11711                    # CS224N's
     device: str = "auto"                 # auto (cuda if available), cpu, cuda, cuda:N
     bf16: bool = False                   # bfloat16 autocast for forward passes
+    fsdp: bool = False                   # FSDP2: shard weights, gradients, optimizer state
     out: str | None = None               # run directory; None: runs/<task>-<optimizer>
     overwrite: bool = False              # replace a finished or stopped run in `out`
     save_every: int = 0                  # also checkpoint every N updates (0: at epoch ends)
@@ -294,19 +305,26 @@ def _split(items: list, parts: int) -> list[list]:
 
 @torch.no_grad()
 def predict(model, examples: list[Example], *, batch_size: int, pad_id: int,
-            device: torch.device, autocast: Callable, rank: int = 0, world: int = 1) -> list[int]:
+            device: torch.device, autocast: Callable, rank: int = 0, world: int = 1,
+            lockstep: bool = False) -> list[int]:
     """Predicted labels of ``examples``, in their order.  Batches are formed by length (less
-    padding); under DDP each process predicts every world-th batch and all gather."""
+    padding); with several processes each predicts every world-th batch and all gather.
+    ``lockstep`` (FSDP: each forward gathers the weights from every process): every process
+    makes the same number of forwards, the ones short of a batch on a batch they discard."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    mine = batches[rank::world]
+    rounds = -(-len(batches) // world) if lockstep else len(mine)
     preds: dict[int, int] = {}
-    for b in batches[rank::world]:
+    for k in range(rounds):
+        b = mine[k] if k < len(mine) else batches[0]
         batch = _collate([examples[i] for i in b], pad_id, device)
         with autocast():
             logits = model(batch["input_ids"], batch["attention_mask"])
-        preds.update(zip(b, logits.argmax(-1).tolist()))
+        if k < len(mine):
+            preds.update(zip(b, logits.argmax(-1).tolist()))
     if world > 1:
         gathered: list = [None] * world
         torch.distributed.all_gather_object(gathered, preds)
@@ -322,16 +340,11 @@ def write_predictions(path: str | os.PathLike, ids: list[str], labels: list[int]
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def _save_weights(model, path: Path, metadata: dict[str, str]) -> None:
+def _save_weights(weights: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save as st_save
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
     data = st_save(state, metadata=metadata)
     atomic_write(path, lambda f: f.write(data))
-
-
-def _load_weights(model, path: Path) -> None:
-    from safetensors.torch import load_file
-    model.load_state_dict(load_file(str(path)))
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -433,8 +446,10 @@ def resume(run_dir: str | os.PathLike, *, handle_signals: bool = False,
     except Exception as e:          # a truncated or foreign file: say so in one line
         raise ValueError(f"{path} is not a readable optimlab checkpoint ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    missing = sorted({"config", "model", "optimizer", "scheduler", "ranks", "position",
-                      "history", "best"} - set(state if isinstance(state, dict) else ()))
+    keys = set(state if isinstance(state, dict) else ())
+    weights = {"sharded"} if "sharded" in keys else {"model", "optimizer"}
+    missing = sorted({"config", "scheduler", "ranks", "position", "history", "best", *weights}
+                     - keys)
     if missing:
         raise ValueError(f"{path} is not a complete optimlab checkpoint (no "
                          f"{', '.join(repr(m) for m in missing)}): start the run again with "
@@ -475,7 +490,8 @@ class _Run:
     data: dict[str, list[Example]]
     num_labels: int
     model: torch.nn.Module
-    ddp_model: torch.nn.Module
+    train_model: torch.nn.Module      # what the loop runs: DDP around `model` under torchrun
+                                      # (FSDP2 shards `model` itself)
     optimizer: torch.optim.Optimizer
     scheduler: Any
     n_decay: int
@@ -495,10 +511,35 @@ class _Run:
         return (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.bf16
                 else contextlib.nullcontext())
 
+    @property
+    def sharded(self) -> bool:
+        """The model is FSDP2-sharded (``--fsdp`` with several processes)."""
+        return self.cfg.fsdp and self.world > 1
+
     def predict(self, split: str) -> list[int]:
         return predict(self.model, self.data[split], batch_size=self.cfg.eval_batch_size,
                        pad_id=self.model.pad_token_id, device=self.device,
-                       autocast=self.autocast, rank=self.rank, world=self.world)
+                       autocast=self.autocast, rank=self.rank, world=self.world,
+                       lockstep=self.sharded)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights (sharded: gathered, every process takes part; the main
+        process gets them, the others an empty dict)."""
+        if not self.sharded:
+            return self.model.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(self.model, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+
+    def load_weights(self, path: Path) -> None:
+        """The weights `_save_weights` wrote into the model (sharded: each process its part)."""
+        from safetensors.torch import load_file
+        weights = load_file(str(path))
+        if not self.sharded:
+            self.model.load_state_dict(weights)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True))
 
 
 def _setup(cfg: TrainConfig, log: Callable[[str], None] | None) -> _Run:
@@ -577,6 +618,8 @@ def _build(cfg, world, rank, device, own_group, say, tqdm) -> _Run:
     if model.pooling != "pooler" and getattr(model.encoder, "pooler", None) is not None:
         model.encoder.pooler.requires_grad_(False)      # unused: no gradient, no updates
     model.to(device)
+    if cfg.fsdp and world > 1:
+        _shard(model)                 # before the optimizer: it holds the sharded parameters
 
     # ---- optimizer: weight decay on weight matrices only; SAM wraps the same groups
     groups = param_groups_weight_decay(model, cfg.weight_decay)
@@ -591,15 +634,15 @@ def _build(cfg, world, rank, device, own_group, say, tqdm) -> _Run:
     warmup = warmup_updates(cfg.warmup, total)
     scheduler = schedule(optimizer, total=total, warmup=warmup, kind=cfg.schedule)
 
-    ddp_model = model
-    if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
+    train_model = model
+    if world > 1 and not cfg.fsdp:
+        train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False)
     return _Run(cfg=cfg, world=world, rank=rank, device=device, own_group=own_group, say=say,
                 tqdm=tqdm, model_dir=model_dir, data=data, num_labels=num_labels, model=model,
                 fingerprint=_fingerprint(data, model_dir),
-                ddp_model=ddp_model, optimizer=optimizer, scheduler=scheduler,
+                train_model=train_model, optimizer=optimizer, scheduler=scheduler,
                 n_decay=sum(p.numel() for g in groups if g["weight_decay"] for p in g["params"]),
                 updates_per_epoch=per_epoch, total_updates=total, warmup=warmup)
 
@@ -619,7 +662,7 @@ class _RunDirectory:
     before it has them put back by the next run on the directory."""
 
     ASIDE = ".replaced"
-    ARTIFACTS = (CHECKPOINT, BEST_MODEL, METRICS, "predictions")
+    ARTIFACTS = (CHECKPOINT, SHARDED, BEST_MODEL, METRICS, "predictions")
 
     def __init__(self, out: Path):
         self.out = out
@@ -723,10 +766,83 @@ def _fingerprint(data: dict[str, list[Example]], model_dir: Path) -> dict:
     return out
 
 
+# =========================================================================== --fsdp
+def _shard(model: torch.nn.Module) -> None:
+    """FSDP2: each transformer block, then the rest (embeddings, pooler, head), ``fully_shard``ed
+    over all processes: parameters, gradients and optimizer state become ``Shard(0)`` DTensors,
+    and each block's weights are gathered only while it computes."""
+    from torch.distributed.fsdp import fully_shard
+    for block in model.encoder.blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def _broadcast(value, world: int):
+    """The main process's ``value`` on every process."""
+    if world == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _dcp_state(run: _Run) -> tuple[Any, dict]:
+    """(the optimizer torch.distributed.checkpoint handles, its template state): the model's and
+    optimizer's state dicts keyed by parameter name, sharded as the parameters are (SAM's state
+    is its base optimizer's; its skip count travels in checkpoint.pt)."""
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    from .sam import SAM
+    optimizer = run.optimizer.base_optimizer if isinstance(run.optimizer, SAM) else run.optimizer
+    return optimizer, {"model": get_model_state_dict(run.model),
+                       "optimizer": get_optimizer_state_dict(run.model, optimizer)}
+
+
+def _save_sharded(run: _Run, path: Path) -> None:
+    """The model and optimizer into the new directory ``path`` (each process its shards; a
+    failed write, a full disk say, is an OSError on every process and the directory is
+    removed)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    _, state = _dcp_state(run)
+    try:
+        with warnings.catch_warnings():      # torch warns of one process even when told so
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(state, checkpoint_id=str(path), no_dist=run.world == 1)
+    except (CheckpointException, RuntimeError, OSError) as e:
+        if run.is_main:
+            shutil.rmtree(path, ignore_errors=True)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OSError(f"writing the sharded checkpoint {path} failed ({first[:300]}); the "
+                      f"previous {CHECKPOINT} is intact") from None
+
+
+def _load_sharded(run: _Run, path: Path) -> None:
+    """`_save_sharded`'s directory into the model and optimizer, resharded to this run's
+    processes (any number, one included)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    if not (path / ".metadata").is_file():
+        raise ValueError(f"--resume {run.out}: {CHECKPOINT} names the sharded checkpoint {path}, "
+                         f"which is missing or incomplete: start the run again with --overwrite")
+    # the template first: torch initialises an empty optimizer's state with a step (lr 0)
+    # that may touch the parameters, which the model's state then overwrites
+    optimizer, state = _dcp_state(run)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path), no_dist=run.world == 1)
+    set_model_state_dict(run.model, state["model"])
+    set_optimizer_state_dict(run.model, optimizer, state["optimizer"])
+
+
 def _save_run_state(run: _Run, fit: Fit, history: list, best: dict, wall_time: float) -> None:
     """The checkpoint: the model, optimizer and scheduler, every process's RNG and loss sum of
     the epoch so far, the loop's position (the epoch's batch order included), the history and
-    the configuration.  All processes take part; the main one writes (atomically)."""
+    the configuration.  All processes take part; the main one writes (atomically).  With
+    ``--fsdp`` the model and optimizer go to a new `torch.distributed.checkpoint` directory in
+    ``sharded/`` first (each process writes its shards), which checkpoint.pt then names; the
+    previous one is removed only once checkpoint.pt is replaced."""
     pos = fit.position()
     mine = {"rng": _rng_state(run.device),
             "loss_sum": pos["loss_sum"] if pos["batches"] is not None else None}
@@ -734,10 +850,15 @@ def _save_run_state(run: _Run, fit: Fit, history: list, best: dict, wall_time: f
     if run.world > 1:
         per_rank = [None] * run.world
         torch.distributed.all_gather_object(per_rank, mine)
+    if run.cfg.fsdp:
+        name = _broadcast(f"{pos['step']:08d}-{time.time_ns():x}", run.world)
+        _save_sharded(run, run.out / SHARDED / name)
+        weights = {"sharded": name}
+    else:
+        weights = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict()}
     if run.is_main:
         atomic_save({
-            "format": "optimlab.train/1", "config": asdict(run.cfg),
-            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "format": "optimlab.train/1", "config": asdict(run.cfg), **weights,
             "scheduler": run.scheduler.state_dict(), "ranks": per_rank,
             "position": {"epoch": pos["epoch"], "step_in_epoch": pos["step_in_epoch"],
                          "step": pos["step"], "batches": pos["batches"],
@@ -747,6 +868,10 @@ def _save_run_state(run: _Run, fit: Fit, history: list, best: dict, wall_time: f
             "wall_time_s": wall_time, "fingerprint": run.fingerprint,
             "skipped_updates": run.optimizer.skipped_steps,
         }, run.out / CHECKPOINT)
+        if run.cfg.fsdp:                      # checkpoint.pt names the new one: the rest go
+            for old in (run.out / SHARDED).iterdir():
+                if old.name != weights["sharded"]:
+                    shutil.rmtree(old, ignore_errors=True)
 
 
 def _load_run_state(run: _Run, state: dict) -> tuple[Position, list, dict, float]:
@@ -762,19 +887,28 @@ def _load_run_state(run: _Run, state: dict) -> tuple[Position, list, dict, float
             raise ValueError(f"--resume {run.out}: {', '.join(what.get(k, k) for k in changed)} "
                              f"changed since the checkpoint was written: resume with the same "
                              f"files, or start a new run")
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
+    if "sharded" in state:
+        _load_sharded(run, run.out / SHARDED / state["sharded"])
+    else:
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     ranks = state["ranks"]
+    mine = ranks[run.rank % len(ranks)]
+    loss_sum = mine["loss_sum"]
     if len(ranks) != run.world:
         run.say(f"note: the checkpoint was written by {len(ranks)} process(es), this run has "
                 f"{run.world}; dropout masks will differ from an uninterrupted run")
-    mine = ranks[run.rank % len(ranks)]
+        # the epoch's loss so far is the sum over the processes that wrote it: the main
+        # process carries it on, the others start from nothing
+        sums = [r["loss_sum"] for r in ranks if r["loss_sum"] is not None]
+        loss_sum = ([sum(x[0] for x in sums), sum(x[1] for x in sums)]
+                    if sums and run.rank == 0 else None)
     _set_rng_state(mine["rng"], run.device)
     run.optimizer.skipped_steps = state.get("skipped_updates", 0)
     pos = state["position"]
     position = Position(epoch=pos["epoch"], step_in_epoch=pos["step_in_epoch"], step=pos["step"],
-                        batches=pos["batches"], loss_sum=mine["loss_sum"] or [0.0, 0.0],
+                        batches=pos["batches"], loss_sum=loss_sum or [0.0, 0.0],
                         seen=pos["seen"], seconds=pos["seconds"])
     return position, state["history"], state["best"], state.get("wall_time_s", 0.0)
 
@@ -827,8 +961,11 @@ def _fit(cfg: TrainConfig, state: dict | None, handle_signals: bool,
 
         def micro_batches(batch: list[int]) -> tuple[list, int]:
             mine = sorted(batch, key=lambda i: -lengths[i])[run.rank::run.world]
+            # as many micro-batches on every process (FSDP gathers weights in each forward):
+            # each holds at least len(batch) // world examples
+            parts = min(cfg.grad_accum, len(batch) // run.world)
             return ([_collate([train_set[i] for i in part], pad_id, run.device)
-                     for part in _split(mine, cfg.grad_accum)], len(mine))
+                     for part in _split(mine, parts)], len(mine))
 
         def progress(epoch: int, total: int, initial: int):
             return run.tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{cfg.epochs}",
@@ -836,7 +973,7 @@ def _fit(cfg: TrainConfig, state: dict | None, handle_signals: bool,
                             dynamic_ncols=True,
                             mininterval=1.0 if sys.stderr.isatty() else 30.0)
 
-        fit = Fit(run.ddp_model, run.optimizer, run.scheduler, epochs=cfg.epochs,
+        fit = Fit(run.train_model, run.optimizer, run.scheduler, epochs=cfg.epochs,
                   plan=lambda epoch: epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch,
                                                    group_by_length=cfg.group_by_length,
                                                    world=run.world),
@@ -891,11 +1028,12 @@ def _fit(cfg: TrainConfig, state: dict | None, handle_signals: bool,
                       "train_examples_per_s": round(rec.examples / rec.train_seconds, 2),
                       "lr_end": run.scheduler.get_last_lr()[0], "updates": rec.updates}
             history.append(record)
-            if dev_acc > best["dev_acc"]:
+            if dev_acc > best["dev_acc"]:         # the same verdict on every process
                 best = {"epoch": rec.epoch, "dev_acc": dev_acc}
+                weights = run.weights()
                 if run.is_main:
-                    _save_weights(run.model, out / BEST_MODEL, {"epoch": str(rec.epoch),
-                                                                "dev_acc": f"{dev_acc:.6f}"})
+                    _save_weights(weights, out / BEST_MODEL, {"epoch": str(rec.epoch),
+                                                              "dev_acc": f"{dev_acc:.6f}"})
                     write_predictions(out / "predictions" / _pred_name(cfg, "dev"),
                                       [e.id for e in dev], dev_pred)
             say(f"epoch {rec.epoch}/{cfg.epochs}: train loss {rec.train_loss:.4f}, dev acc "
@@ -903,15 +1041,16 @@ def _fit(cfg: TrainConfig, state: dict | None, handle_signals: bool,
                 f"{rec.train_seconds:.0f} s ({record['train_examples_per_s']:.1f} ex/s), eval "
                 f"{record['eval_seconds']:.0f} s")
             save()
-            memory = _gather_memory(run.device, run.world)
+            memory = _gather_memory(run)
             write_metrics("running" if rec.epoch < cfg.epochs else "evaluating")
 
         say(f"optimlab train: {cfg.task or cfg.train_file} ({len(train_set)} train / "
             f"{len(run.data['dev'])} dev), {run.model.model_type} from {run.model_dir} "
             f"({cfg.fine_tune_mode}, {n_train:,} of {n_total:,} parameters trained), "
             f"{cfg.optimizer}{' + SAM' if cfg.sam else ''} lr {cfg.lr:g}, {cfg.epochs} epochs x "
-            f"{run.updates_per_epoch} updates of {cfg.batch_size} ({run.world} process(es) x "
-            f"{cfg.grad_accum} micro-batches), warmup {run.warmup} + {cfg.schedule}, "
+            f"{run.updates_per_epoch} updates of {cfg.batch_size} ({run.world} process(es)"
+            f"{', FSDP' if cfg.fsdp else ''} x {cfg.grad_accum} micro-batches), warmup "
+            f"{run.warmup} + {cfg.schedule}, "
             f"{run.device} -> {out}")
         if state is not None:
             say(f"resuming at epoch {position.epoch + 1}, update {position.step_in_epoch} of the "
@@ -920,7 +1059,7 @@ def _fit(cfg: TrainConfig, state: dict | None, handle_signals: bool,
         # ---- the epochs
         status = fit.run(should_stop=should_stop, after_update=after_update,
                          on_epoch_end=on_epoch_end)
-        memory = _gather_memory(run.device, run.world)
+        memory = _gather_memory(run)
         if status == "diverged":                 # the last checkpoint is the last good state
             say(f"optimlab: the run diverged at update {fit.pos.step} (a non-finite loss, or "
                 f"more than {MAX_SKIPPED_UPDATES} updates skipped for non-finite gradients: "
@@ -937,13 +1076,13 @@ def _fit(cfg: TrainConfig, state: dict | None, handle_signals: bool,
             return write_metrics("stopped")
         if run.world > 1:
             dist.barrier()                                  # the best weights are written
-        _load_weights(run.model, out / BEST_MODEL)
+        run.load_weights(out / BEST_MODEL)
         if "test" in run.data:
             test_pred = run.predict("test")
             if run.is_main:
                 write_predictions(out / "predictions" / _pred_name(cfg, "test"),
                                   [e.id for e in run.data["test"]], test_pred)
-        memory = _gather_memory(run.device, run.world)
+        memory = _gather_memory(run)
         metrics = write_metrics("finished")
         say(f"best dev acc {best['dev_acc']:.4f} (epoch {best['epoch']}); "
             f"{metrics['wall_time_s']:.0f} s; peak RSS {memory.get('peak_rss_gb')} GB; "
@@ -961,11 +1100,17 @@ def _pred_name(cfg: TrainConfig, split: str) -> str:
     return f"{cfg.fine_tune_mode}-{cfg.task or 'custom'}-{split}-out.csv"
 
 
-def _gather_memory(device: torch.device, world: int) -> dict:
-    mine = _peak_memory(device)
-    if world == 1:
+def _gather_memory(run: _Run) -> dict:
+    """Peak memory and the optimizer state's bytes (of this process's shards, under FSDP) of
+    every process: the largest peak, and each process's record."""
+    from ._shards import local
+    mine = _peak_memory(run.device)
+    state = [local(v) for st in run.optimizer.state.values() for v in st.values()
+             if isinstance(v, torch.Tensor)]
+    mine["optimizer_state_mb"] = round(sum(t.numel() * t.element_size() for t in state) / 2**20, 3)
+    if run.world == 1:
         return mine
-    every: list = [None] * world
+    every: list = [None] * run.world
     torch.distributed.all_gather_object(every, mine)
     return {"peak_rss_gb": max(m["peak_rss_gb"] for m in every), "per_process": every}
 
@@ -1032,6 +1177,9 @@ def add_arguments(p) -> None:
     g.add_argument("--seed", type=int, default=S, help=f"default {d.seed}")
     g.add_argument("--device", default=S, help="auto (default: cuda if available), cpu, cuda:N")
     g.add_argument("--bf16", action="store_true", default=S, help="bfloat16 autocast")
+    g.add_argument("--fsdp", action="store_true", default=S,
+                   help="under torchrun: shard weights, gradients and optimizer state (FSDP2) "
+                        "instead of DDP; checkpoints reshard to any number of processes")
     g.add_argument("--out", default=S, metavar="DIR",
                    help="run directory (default runs/<task>-<optimizer>)")
     g.add_argument("--overwrite", action="store_true", default=S,

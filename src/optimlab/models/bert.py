@@ -130,6 +130,11 @@ class BertModel(nn.Module):
         self.reset_parameters()
 
     @property
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks, in order (what FSDP shards one by one)."""
+        return self.layers
+
+    @property
     def hidden_size(self) -> int:
         return self.config.hidden_size
 

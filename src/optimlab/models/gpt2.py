@@ -162,6 +162,11 @@ class GPT2Model(nn.Module):
         self.reset_parameters()
 
     @property
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks, in order (what FSDP shards one by one)."""
+        return self.h
+
+    @property
     def hidden_size(self) -> int:
         return self.config.n_embd
 
