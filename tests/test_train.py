@@ -528,6 +528,7 @@ BAD_INPUTS = [
     (["--warmup", "2.5"], "--warmup must be a fraction"),
     (["--sam", "--rho", "-0.1"], "--rho must be >= 0"),
     (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+    (["--wd-mode", "timescale"], "--wd-mode timescale takes --weight-decay as tau"),
     (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
     (["--max-length", "1"], "--max-length must be >= 2"),
     (["--asam"], "--asam needs --sam"),

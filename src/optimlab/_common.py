@@ -1,25 +1,45 @@
 """The vocabulary every optimlab optimizer shares, each idea defined once.
 
 * **Argument checks** that name the argument and its valid range (`check_range`, `check_choice`).
-* **Weight decay** (`WeightDecay`).  "Weight decay" means three different things in the
+* **Weight decay** (`WeightDecay`).  "Weight decay" means several different things in the
   literature and in the libraries people migrate from.  Every optimizer that decays weights
-  takes ``weight_decay`` (lambda) and ``wd_mode``, one of:
+  takes ``weight_decay`` (lambda; tau for ``timescale``) and ``wd_mode``, one of (eta_t = the
+  group's current lr, eta_0 = its ``initial_lr``, s_t = eta_t / eta_0 the schedule's multiplier):
 
-  ==============  ==========================================  =====================================
-  ``wd_mode``     update, with eta_t = the group's current lr  where it comes from
-  ==============  ==========================================  =====================================
-  ``l2``          g <- g + lambda * theta  (before the moments)  torch's ``weight_decay`` in SGD,
-                                                               Adagrad, RMSprop, Adam
-  ``decoupled``   theta <- theta - eta_t * lambda * theta      torch.optim.AdamW: the decay is
-                                                               coupled to the lr you pick
-  ``independent`` theta <- theta - (eta_t / eta_0) * lambda *   Loshchilov & Hutter's intent,
-                  theta                                        Composer's DecoupledAdamW/SGDW
-  ==============  ==========================================  =====================================
+  ===============  ========================================  ======================================
+  ``wd_mode``      update                                    where it comes from
+  ===============  ========================================  ======================================
+  ``l2``           g <- g + lambda theta  (before the         torch's ``weight_decay`` in SGD,
+                   moments)                                  Adagrad, RMSprop, Adam
+  ``decoupled``    theta <- theta - eta_t lambda theta       torch.optim.AdamW, optax: the decay is
+                                                             coupled to the lr you pick
+  ``independent``  theta <- theta - s_t lambda theta         Loshchilov & Hutter's intent (their
+                                                             eta_t is the multiplier), Composer's
+                                                             DecoupledAdamW/SGDW
+  ``lr_squared``   theta <- theta - (eta_t^2 / eta_0)        PaLM (decay lr_t^2), timm's
+                   lambda theta                              ``corrected_weight_decay`` (Defazio
+                                                             2025: wd lr^2 / max_lr)
+  ``absolute``     theta <- theta - lambda theta             labml's ``absolute`` weight decay: a
+                                                             fixed shrink per step, whatever the lr
+  ``timescale``    theta <- theta - (s_t / tau) theta        Wang & Aitchison 2024: tau = 1 /
+                                                             (eta_0 lambda_torch) is the EMA
+                                                             timescale of the weights in updates
+  ===============  ========================================  ======================================
 
   eta_0 is the group's ``initial_lr``: its lr when the optimizer was built, stored in the group
   as torch's lr schedulers do (they keep an existing ``initial_lr``).  With ``independent``
   decay a schedule multiplier scales the decay but the peak lr does not, so lambda is usually
-  ~1e-5 where ``decoupled`` uses ~1e-2.  When eta_0 is 0 the multiplier is taken as 1 (Composer).
+  ~1e-5 where ``decoupled`` uses ~1e-2.  When eta_0 is 0, s_t is taken as 1 (Composer).
+
+  ``timescale`` gives the decay as Wang & Aitchison ("How to set AdamW's weight decay as you
+  scale model and dataset size", 2024) do: AdamW's weights are an exponential moving average
+  of the updates with timescale tau_iter = 1 / (eta lambda) updates, and the best tau measured
+  in epochs stays roughly constant as model and data grow.  ``weight_decay`` is tau in updates
+  at the peak lr (0: no decay, as in every mode); a schedule stretches it as it scales eta_t
+  (their lambda is fixed while eta_t follows the schedule), so the shrink is s_t / tau.  The
+  same decay as ``decoupled`` with lambda = 1 / (eta_0 tau), or ``independent`` with lambda =
+  1 / tau.  (A shrink that stays 1 / tau while the lr moves is ``absolute`` with lambda = 1 /
+  tau.)
 
   Decoupled and independent decay shrink theta_{t-1}, *before* the gradient step (paper,
   torch, Composer), unless ``wd_after_update=True``, which shrinks the already-updated weights
@@ -56,7 +76,7 @@ from typing import Any
 
 import torch
 
-WD_MODES = ("l2", "decoupled", "independent")
+WD_MODES = ("l2", "decoupled", "independent", "lr_squared", "absolute", "timescale")
 EPS_PLACEMENTS = ("sqrt_v_hat", "sqrt_v")
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
 IMPLS = ("auto", "reference", "foreach", "fused")
@@ -120,7 +140,13 @@ def check_betas(betas: Any, name: str = "betas") -> tuple[float, float]:
 
 def check_weight_decay(weight_decay: Any, wd_mode: Any,
                        modes: Sequence[str] = WD_MODES) -> tuple[float, str]:
-    return check_range("weight_decay", weight_decay, 0.0), check_choice("wd_mode", wd_mode, modes)
+    wd = check_range("weight_decay", weight_decay, 0.0)
+    mode = check_choice("wd_mode", wd_mode, modes)
+    if mode == "timescale" and 0 < wd < 1:
+        raise ValueError(f"Invalid weight_decay: {weight_decay!r}; with wd_mode='timescale' it is "
+                         f"tau, the EMA timescale of the weights in updates: 0 (no decay) or "
+                         f">= 1 (a lambda of torch's AdamW is tau = 1 / (lr * lambda))")
+    return wd, mode
 
 
 def scalar(value: Any) -> float:
@@ -131,13 +157,26 @@ def scalar(value: Any) -> float:
 
 # --------------------------------------------------------------------------- weight decay
 def decay_multiplier(group: dict) -> float:
-    """The factor f in theta <- theta - f * lambda * theta for decoupled/independent decay:
-    eta_t, or eta_t / eta_0 (1 when eta_0 is 0)."""
+    """The factor f in theta <- theta - f * lambda * theta (every mode but ``l2``): eta_t
+    (``decoupled``), s_t = eta_t / eta_0 (``independent``, ``timescale``; 1 when eta_0 is 0),
+    eta_t s_t (``lr_squared``) or 1 (``absolute``)."""
+    mode = group["wd_mode"]
+    if mode == "absolute":
+        return 1.0
     lr = scalar(group["lr"])
-    if group["wd_mode"] == "independent":
-        initial_lr = scalar(group["initial_lr"])
-        return lr / initial_lr if initial_lr else 1.0
-    return lr
+    if mode == "decoupled":
+        return lr
+    initial_lr = scalar(group["initial_lr"])
+    s = lr / initial_lr if initial_lr else 1.0
+    return lr * s if mode == "lr_squared" else s
+
+
+def decay_rate(weight_decay: float, wd_mode: str) -> float:
+    """lambda in theta <- theta - f * lambda * theta: ``weight_decay``, or 1 / tau for
+    ``timescale`` (``weight_decay`` is tau there; 0 means no decay in every mode)."""
+    if wd_mode == "timescale":
+        return 1.0 / weight_decay if weight_decay else 0.0
+    return weight_decay
 
 
 class ShrinkForm(enum.IntEnum):
@@ -181,7 +220,8 @@ class WeightDecay:
         after = bool(group.get("wd_after_update", False))
         if form is None:
             form = ShrinkForm.ADD if after else ShrinkForm.MULTIPLY
-        return cls(lam=wd, factor=decay_multiplier(group), after=after, form=form)
+        return cls(lam=decay_rate(wd, group["wd_mode"]), factor=decay_multiplier(group),
+                   after=after, form=form)
 
     # ---- the reference arithmetic: on tensors, and on TensorLists (optimlab._foreach)
     def grad(self, p, g):

@@ -67,7 +67,8 @@ Every option, in those symbols
   * ``l2``: G_t <- G_t + lambda X_{t-1} before the second moment.
   * ``decoupled``: X <- X - f lambda X with f = eta (``decay_scale="lr"``, torch.optim) or
     f = alpha_t (``decay_scale="alpha"``, transformers: the step actually taken).
-  * ``independent``: f = eta / eta_0.
+  * ``independent``: f = eta / eta_0; ``lr_squared``, ``absolute``, ``timescale``: f and
+    lambda as in `optimlab._common`'s table (eta: the group's lr).
   The decay shrinks X_{t-1} (after RMS(X_{t-1}) was read, before X_{t-1} - step), or the
   updated weights with ``wd_after_update=True``.
 
@@ -595,8 +596,9 @@ class Adafactor(Optimizer):
         clip_threshold: d > 0 (``inf`` disables update clipping).
         decay_rate: c <= 0 in beta2_t = 1 - t^c.
         beta1: None (no first moment, none stored) or in [0, 1).
-        weight_decay: lambda >= 0.
-        wd_mode: ``"decoupled"`` (default), ``"independent"`` or ``"l2"``.
+        weight_decay: lambda >= 0 (tau >= 0, in updates, with ``wd_mode="timescale"``).
+        wd_mode: ``"decoupled"`` (default), ``"independent"``, ``"l2"``, ``"lr_squared"``,
+            ``"absolute"`` or ``"timescale"`` (the table in `optimlab._common`).
         scale_parameter: multiply rho_t by max(eps2, RMS(theta_{t-1})).
         relative_step: rho_t = min(lr, 1/sqrt(t)) instead of lr.
         warmup_init: rho_t = min(1e-6 t, lr, 1/sqrt(t)); requires ``relative_step``.

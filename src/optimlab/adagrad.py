@@ -15,7 +15,8 @@ per coordinate i: delta sits outside the root, as here.
 Weight decay lambda (``wd_mode``, see `optimlab._common`): ``"l2"`` adds lambda * theta_{t-1}
 to g_t before it is squared and summed (torch.optim.Adagrad); ``"decoupled"`` and
 ``"independent"`` shrink theta_{t-1} by eta * lambda or (eta / eta_0) * lambda, where eta is
-the group's ``lr`` (not the lr_decay-reduced eta_t).
+the group's ``lr`` (not the lr_decay-reduced eta_t); ``"lr_squared"``, ``"absolute"`` and
+``"timescale"`` by the factors of `optimlab._common`'s table, with that eta.
 
 Departures from the paper: ``lr_decay`` (a 1/t learning-rate schedule applied by the
 optimizer itself) and ``initial_accumulator_value`` (s_0 > 0, which also keeps the first
@@ -89,11 +90,12 @@ class AdaGrad(Optimizer):
         params: parameters or parameter groups.
         lr: eta >= 0 (default 1e-2).
         lr_decay: gamma >= 0; the step size at step t is lr / (1 + (t - 1) * lr_decay).
-        weight_decay: lambda >= 0.
+        weight_decay: lambda >= 0 (tau >= 0, in updates, with ``wd_mode="timescale"``).
         initial_accumulator_value: s_0 >= 0, the starting value of every coordinate's sum of
             squared gradients.
         eps: delta >= 0, added to sqrt(s_t) (outside the root, as in the paper and torch).
-        wd_mode: ``"l2"`` (default, torch.optim.Adagrad), ``"decoupled"`` or ``"independent"``.
+        wd_mode: ``"l2"`` (default, torch.optim.Adagrad), ``"decoupled"``, ``"independent"``,
+            ``"lr_squared"``, ``"absolute"`` or ``"timescale"`` (the table in `optimlab._common`).
         wd_after_update: decoupled/independent decay of the updated weights instead of
             theta_{t-1}.
         maximize: ascend instead of descend.

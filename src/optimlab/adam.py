@@ -21,8 +21,9 @@ v^max_t = max(v^max_{t-1}, v_t); like torch.optim, the maximum is taken of the *
 v_t and the bias correction of v is then applied to it (the paper has no bias correction).
 
 AdamW (Loshchilov & Hutter, 2019, Algorithm 2) decays the weights outside the adaptive step
-instead of adding lambda * theta to the gradient; see `optimlab._common` for the three
-meanings of weight decay (``wd_mode``) and where it is applied (``wd_after_update``).
+instead of adding lambda * theta to the gradient; see `optimlab._common` for the meanings
+of weight decay (``wd_mode``: L2 and five ways to scale a decoupled shrink) and where it is
+applied (``wd_after_update``).
 
 Departures from the papers: ``wd_mode``, ``eps_placement`` and ``wd_after_update`` select
 between the published variants rather than one of them; ``correct_bias=False`` drops the
@@ -199,8 +200,9 @@ class Adam(Optimizer):
         lr: alpha, >= 0.
         betas: (beta1, beta2), each in [0, 1).
         eps: >= 0, added where ``eps_placement`` says.
-        weight_decay: lambda >= 0.
-        wd_mode: ``"l2"`` (default here, torch.optim.Adam), ``"decoupled"`` or ``"independent"``.
+        weight_decay: lambda >= 0 (tau >= 0, in updates, with ``wd_mode="timescale"``).
+        wd_mode: ``"l2"`` (default here, torch.optim.Adam), ``"decoupled"``, ``"independent"``,
+            ``"lr_squared"``, ``"absolute"`` or ``"timescale"`` (the table in `optimlab._common`).
         amsgrad: use the running maximum of v (AMSGrad).
         eps_placement: ``"sqrt_v_hat"`` (default, PyTorch) or ``"sqrt_v"`` (efficient/TF).
         correct_bias: apply bias correction (default True).

@@ -35,7 +35,8 @@ differs from > 5 only if rho_t lands exactly on 5.
 Weight decay lambda (``wd_mode``, see `optimlab._common`): ``"l2"`` adds lambda * theta_{t-1}
 to g_t (torch.optim.RAdam's default); ``"decoupled"`` shrinks theta_{t-1} by alpha_t * lambda
 before the step on every step (torch.optim.RAdam with ``decoupled_weight_decay=True``);
-``"independent"`` by (alpha_t / alpha_0) * lambda.
+``"independent"`` by (alpha_t / alpha_0) * lambda; ``"lr_squared"``, ``"absolute"`` and
+``"timescale"`` by the factors of `optimlab._common`'s table.
 
 Departures from the paper: eps (above); the threshold is a parameter whose default is torch's
 5, not the paper's 4; ``degenerate_to_sgd=False`` (the authors' code's
@@ -154,9 +155,10 @@ class RAdam(Optimizer):
         lr: alpha >= 0 (default 1e-3).
         betas: (beta1, beta2), each in [0, 1).
         eps: >= 0, added where ``eps_placement`` says.
-        weight_decay: lambda >= 0.
+        weight_decay: lambda >= 0 (tau >= 0, in updates, with ``wd_mode="timescale"``).
         wd_mode: ``"l2"`` (default, torch.optim.RAdam), ``"decoupled"`` (torch's
-            ``decoupled_weight_decay=True``) or ``"independent"``.
+            ``decoupled_weight_decay=True``), ``"independent"``, ``"lr_squared"``, ``"absolute"``
+            or ``"timescale"`` (the table in `optimlab._common`).
         wd_after_update: decoupled/independent decay of the updated weights instead of
             theta_{t-1}.
         rho_threshold: >= 4; the rectified step is taken when rho_t > rho_threshold (default

@@ -21,7 +21,8 @@ squared running mean of the gradient:
 
 Weight decay lambda (``wd_mode``, see `optimlab._common`): ``"l2"`` adds lambda * theta_{t-1}
 to g_t before the averages (torch.optim.RMSprop); ``"decoupled"`` and ``"independent"``
-shrink theta_{t-1} by eta * lambda or (eta / eta_0) * lambda.
+shrink theta_{t-1} by eta * lambda or (eta / eta_0) * lambda; ``"lr_squared"``,
+``"absolute"`` and ``"timescale"`` by the factors of `optimlab._common`'s table.
 
 Departures from the sources (torch.optim's choices): eps is added outside the square root
 (Graves and TensorFlow's ApplyRMSProp add it inside: sqrt(v - a^2 + eps)); with momentum the
@@ -114,10 +115,11 @@ class RMSProp(Optimizer):
         alpha: smoothing constant in [0, 1) (default 0.99).  torch only requires alpha >= 0;
             alpha >= 1 would keep v_t at 0 (or grow it) and is rejected here.
         eps: >= 0, added to the root (outside it).
-        weight_decay: lambda >= 0.
+        weight_decay: lambda >= 0 (tau >= 0, in updates, with ``wd_mode="timescale"``).
         momentum: mu in [0, 1) (0: no buffer).  torch only requires mu >= 0.
         centered: divide by the running standard deviation sqrt(v_t - a_t^2) (Graves).
-        wd_mode: ``"l2"`` (default, torch.optim.RMSprop), ``"decoupled"`` or ``"independent"``.
+        wd_mode: ``"l2"`` (default, torch.optim.RMSprop), ``"decoupled"``, ``"independent"``,
+            ``"lr_squared"``, ``"absolute"`` or ``"timescale"`` (the table in `optimlab._common`).
         wd_after_update: decoupled/independent decay of the updated weights instead of
             theta_{t-1}.
         maximize: ascend instead of descend.

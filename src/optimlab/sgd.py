@@ -22,6 +22,8 @@ Weight decay lambda (``wd_mode``, see `optimlab._common`):
 * ``"independent"``: theta_{t-1} <- (1 - (eta_t / eta_0) * lambda) * theta_{t-1}: SGDW,
   Loshchilov & Hutter (2019), Algorithm 1, where the decay follows the schedule multiplier
   but not the peak lr; Composer's DecoupledSGDW.
+* ``"lr_squared"``, ``"absolute"``, ``"timescale"``: the same shrink of theta_{t-1} with the
+  factor of `optimlab._common`'s table.
 
 Departures from the papers (all are torch.optim.SGD's choices):
 
@@ -110,9 +112,10 @@ class SGD(Optimizer):
             makes the buffer a non-decaying sum and is rejected here.
         dampening: tau in [0, 1]; the buffer adds (1 - tau) * g_t.
         nesterov: Nesterov momentum; requires momentum > 0 and dampening == 0 (as torch).
-        weight_decay: lambda >= 0.
+        weight_decay: lambda >= 0 (tau >= 0, in updates, with ``wd_mode="timescale"``).
         wd_mode: ``"l2"`` (default, torch.optim.SGD), ``"decoupled"`` (decay eta_t * lambda) or
-            ``"independent"`` (decay (eta_t / eta_0) * lambda: SGDW, Composer's DecoupledSGDW).
+            ``"independent"`` (decay (eta_t / eta_0) * lambda: SGDW, Composer's DecoupledSGDW),
+            ``"lr_squared"``, ``"absolute"`` or ``"timescale"`` (the table in `optimlab._common`).
         wd_after_update: decoupled/independent decay of the updated weights instead of
             theta_{t-1}.
         maximize: ascend instead of descend.

@@ -185,6 +185,11 @@ class TrainConfig:
         _choice("--schedule", c.schedule, SCHEDULES)
         if c.wd_mode is not None:
             _choice("--wd-mode", c.wd_mode, WD_MODES)
+            if c.wd_mode == "timescale" and 0 < c.weight_decay < 1:
+                raise ValueError(f"--wd-mode timescale takes --weight-decay as tau, the EMA "
+                                 f"timescale of the weights in updates: 0 or >= 1, got "
+                                 f"{c.weight_decay} (torch's lambda at lr eta is tau = 1 / (eta "
+                                 f"lambda))")
         if c.num_labels is not None and c.task is not None and c.num_labels != TASKS[c.task]:
             raise ValueError(f"--num-labels is for your own files: {c.task} has "
                              f"{TASKS[c.task]} labels (got --num-labels {c.num_labels})")
@@ -1152,7 +1157,8 @@ def add_arguments(p) -> None:
                    help="peak learning rate (default adamw: 1e-4 full-model, 1e-3 "
                         "last-linear-layer; see optimlab.train.default_lr)")
     g.add_argument("--weight-decay", type=float, default=S,
-                   help=f"on weight matrices; biases and LayerNorms never (default {d.weight_decay})")
+                   help=f"on weight matrices; biases and LayerNorms never (default "
+                        f"{d.weight_decay}); with --wd-mode timescale: tau, in updates")
     g.add_argument("--wd-mode", choices=WD_MODES, default=S, help="default: the optimizer's")
     g.add_argument("--sam", action="store_true", default=S, help="wrap the optimizer in SAM")
     g.add_argument("--rho", type=float, default=S, help=f"SAM radius (default {d.rho})")
