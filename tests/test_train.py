@@ -304,6 +304,26 @@ def test_bf16_autocast(tiny_nodrop, tmp_path):
     assert all(v.dtype == torch.float32 for v in _ckpt(tmp_path / "bf16")["model"].values())
 
 
+def test_a_weight_decay_schedule_runs_and_resumes_exactly(tiny, tmp_path, capsys):
+    """--wd-schedule cosine --wd-final 0: the decay's multiplier goes from 1 to 0 over the run
+    (recorded per epoch), the run differs from constant decay, and a run stopped inside an
+    epoch and resumed ends bit for bit as the uninterrupted one (the scheduler's state is in
+    the checkpoint)."""
+    extra = ["--weight-decay", "0.5", "--wd-schedule", "cosine", "--wd-final", "0"]
+    assert _cli(_args(tiny, tmp_path / "whole", *extra), capsys)[0] == 0
+    assert _cli(_args(tiny, tmp_path / "cut", *extra, "--stop-after", 3), capsys)[0] == 0
+    assert _cli(["train", "--resume", tmp_path / "cut", "--no-progress"], capsys)[0] == 0
+    assert _cli(_args(tiny, tmp_path / "constant", "--weight-decay", "0.5"), capsys)[0] == 0
+    whole, cut = _ckpt(tmp_path / "whole"), _ckpt(tmp_path / "cut")
+    _assert_same_state(whole, cut)
+    assert _history(tmp_path / "whole") == _history(tmp_path / "cut")
+    assert whole["wd_scheduler"]["last_epoch"] == 10
+    ends = [e["wd_multiplier_end"] for e in _metrics(tmp_path / "whole")["epochs"]]
+    assert ends[0] == pytest.approx(0.5) and ends[1] == 0.0
+    constant = _ckpt(tmp_path / "constant")["model"]
+    assert any(not torch.equal(v, constant[k]) for k, v in whole["model"].items())
+
+
 # ------------------------------------------------------------------ DDP: torchrun, 2 processes
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -529,6 +549,8 @@ BAD_INPUTS = [
     (["--sam", "--rho", "-0.1"], "--rho must be >= 0"),
     (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
     (["--wd-mode", "timescale"], "--wd-mode timescale takes --weight-decay as tau"),
+    (["--wd-final", "2"], "--wd-final 2.0 needs --wd-schedule linear or cosine"),
+    (["--wd-schedule", "cosine", "--wd-final", "-1"], "--wd-final must be >= 0"),
     (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
     (["--max-length", "1"], "--max-length must be >= 2"),
     (["--asam"], "--asam needs --sam"),

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import optimlab
+from optimlab import compat
 from tests.helpers import IMPLS, with_impl
 
 NAMES = optimlab.list_optimizers()
@@ -126,3 +127,175 @@ def test_timescale_zero_means_no_decay_and_a_negative_tau_is_refused():
         optimlab.AdamW(_params(), weight_decay=0.01, wd_mode="timescale")
     with pytest.raises(ValueError, match="wd_mode.*'lr_squared'"):
         optimlab.AdamW(_params(), weight_decay=0.1, wd_mode="squared")
+
+
+# --------------------------------------------------------------------------- the wd schedule
+WD_MULTIPLIERS = [0.0, 0.5, 1.0, 2.0, 1.5, 0.25]        # m_t, one per step
+
+
+def _schedules(opt):
+    return (torch.optim.lr_scheduler.LambdaLR(opt, lambda t: MULTIPLIERS[min(t, 5)]),
+            optimlab.LambdaWD(opt, lambda t: WD_MULTIPLIERS[min(t, 5)]))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", SHRINKS)
+@pytest.mark.parametrize("name", NAMES)
+def test_a_wd_schedule_scales_each_modes_shrink(name, mode, impl):
+    """Beside an lr schedule, m_t from `LambdaWD` multiplies the shrink of every mode:
+    theta_T = theta_0 prod_t (1 - m_t c_t) (zero gradients, float64, 1e-12)."""
+    params = _params()
+    start = [p.detach().clone() for p in params]
+    opt = _make(name, params, mode, impl)
+    lrs, wds = _schedules(opt)
+    wd = WD.get(mode, WD_DEFAULT)
+    factor = 1.0
+    for t in range(len(MULTIPLIERS)):
+        factor *= 1 - WD_MULTIPLIERS[t] * literal_shrink(mode, wd, LR0 * MULTIPLIERS[t], LR0)
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        lrs.step()
+        wds.step()
+    for p, p0 in zip(params, start):
+        torch.testing.assert_close(p.detach(), p0 * factor, rtol=1e-12, atol=1e-12)
+    assert wds.get_last_multiplier() == [WD_MULTIPLIERS[5]] * len(opt.param_groups)
+    assert all(g["weight_decay"] == wd for g in opt.param_groups)      # never rewritten
+
+
+def _train_scheduled(opt, params, steps, set_wd=None, wds=None):
+    g = torch.Generator().manual_seed(1)
+    for t in range(steps):
+        if set_wd is not None:
+            set_wd(t)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype) + 0.5 * p.detach()
+        opt.step()
+        if wds is not None:
+            wds.step()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_wd_schedule_scales_the_l2_coefficient(name):
+    """``l2``: the gradient gets m_t lambda theta, exactly as if weight_decay were m_t lambda."""
+    pa, pb = _params(), _params()
+    oa = _make(name, pa, "l2", "auto")
+    ob = _make(name, pb, "l2", "auto")
+    wds = optimlab.LambdaWD(oa, lambda t: WD_MULTIPLIERS[min(t, 5)])
+
+    def set_wd(t):
+        for group in ob.param_groups:
+            group["weight_decay"] = WD_DEFAULT * WD_MULTIPLIERS[t]
+
+    _train_scheduled(oa, pa, 6, wds=wds)
+    _train_scheduled(ob, pb, 6, set_wd=set_wd)
+    assert all(torch.equal(a, b) for a, b in zip(pa, pb))
+
+
+def test_a_wd_schedule_drives_torch_optim_too_and_matches_optimlab():
+    """On torch.optim.AdamW the scheduler scales ``weight_decay`` itself (from the
+    ``initial_weight_decay`` it keeps); optimlab's torch-compatible AdamW under the same lr and
+    wd schedules gives the same weights (float32, 1e-6)."""
+    torch.manual_seed(0)
+    pa = [torch.randn(16, 8, requires_grad=True), torch.randn(8, requires_grad=True)]
+    pb = [p.detach().clone().requires_grad_() for p in pa]
+    oa = torch.optim.AdamW(pa, lr=1e-2, weight_decay=0.5)
+    ob = compat.torch.AdamW(pb, lr=1e-2, weight_decay=0.5)
+    scheds = [(*_schedules(o),) for o in (oa, ob)]
+    g = torch.Generator().manual_seed(1)
+    for t in range(6):
+        grads = [torch.randn(p.shape, generator=g) for p in pa]
+        for opt, params, (lrs, wds) in ((oa, pa, scheds[0]), (ob, pb, scheds[1])):
+            for p, gr in zip(params, grads):
+                p.grad = gr.clone()
+            opt.step()
+            lrs.step()
+            wds.step()
+    assert oa.param_groups[0]["initial_weight_decay"] == 0.5
+    assert oa.param_groups[0]["weight_decay"] == 0.5 * WD_MULTIPLIERS[5]
+    assert scheds[0][1].get_last_wd() == scheds[1][1].get_last_wd() == [0.5 * WD_MULTIPLIERS[5]]
+    for a, b in zip(pa, pb):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_a_wd_schedule_drives_sam_and_its_base():
+    """SAM shares its base optimizer's groups: the multiplier reaches the base step."""
+    def run(scheduled):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        opt = optimlab.SAM(model.parameters(), optimlab.AdamW, rho=0.05, lr=1e-2,
+                           weight_decay=0.5)
+        wds = optimlab.LambdaWD(opt, lambda t: WD_MULTIPLIERS[min(t, 5)]) if scheduled else None
+        g = torch.Generator().manual_seed(1)
+        for t in range(6):
+            if not scheduled:
+                for group in opt.param_groups:
+                    group["weight_decay"] = 0.5 * WD_MULTIPLIERS[t]
+            x = torch.randn(8, 4, generator=g)
+            opt.step(lambda: (opt.zero_grad(), model(x).square().mean().backward())[0])
+            if wds is not None:
+                wds.step()
+        return [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(run(True), run(False)))
+
+
+def test_a_wd_schedule_resumes_from_its_state_dict():
+    """Optimizer and wd scheduler saved after 3 updates and loaded into new ones continue
+    as the uninterrupted run, bit for bit (`wd_schedule`'s multiplier is an object: its
+    settings travel in the state dict)."""
+    import io
+
+    def build():
+        params = _params()
+        opt = optimlab.AdamW(params, lr=LR0, weight_decay=0.3, wd_mode="independent")
+        return params, opt, optimlab.wd_schedule(opt, total=6, kind="cosine", final=4.0)
+    pa, oa, wa = build()
+    _train_scheduled(oa, pa, 6, wds=wa)
+    pb, ob, wb = build()
+    _train_scheduled(ob, pb, 3, wds=wb)
+    buf = io.BytesIO()
+    torch.save({"opt": ob.state_dict(), "wd": wb.state_dict(),
+                "params": [p.detach() for p in pb]}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=False)
+    pc = _params()
+    with torch.no_grad():
+        for p, v in zip(pc, saved["params"]):
+            p.copy_(v)
+    oc = optimlab.AdamW(pc, lr=LR0, weight_decay=0.3, wd_mode="independent")
+    wc = optimlab.wd_schedule(oc, total=1, kind="linear", final=0.0)     # replaced on load
+    oc.load_state_dict(saved["opt"])
+    wc.load_state_dict(saved["wd"])
+    assert wc.last_epoch == 3 and wc.wd_lambdas[0].kind == "cosine"
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):                                 # the same gradients as steps 3..5 of pa
+        [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in pc]
+    for t in range(3):
+        for p in pc:
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype) + 0.5 * p.detach()
+        oc.step()
+        wc.step()
+    assert all(torch.equal(a, c) for a, c in zip(pa, pc))
+
+
+def test_wd_schedule_shapes_and_bad_input():
+    from optimlab.wd_scheduler import wd_multiplier
+    assert [wd_multiplier(t, total=4, kind="linear", final=3.0) for t in range(5)] == \
+        [1.0, 1.5, 2.0, 2.5, 3.0]
+    assert wd_multiplier(0, total=4, kind="cosine", final=0.0) == 1.0
+    assert wd_multiplier(2, total=4, kind="cosine", final=0.0) == pytest.approx(0.5)
+    assert wd_multiplier(9, total=4, kind="cosine", final=0.0) == pytest.approx(0.0)
+    assert wd_multiplier(3, total=4) == 1.0
+    opt = optimlab.AdamW(_params(), weight_decay=0.1)
+    with pytest.raises(ValueError, match="kind"):
+        optimlab.wd_schedule(opt, total=10, kind="step")
+    with pytest.raises(ValueError, match="final"):
+        optimlab.wd_schedule(opt, total=10, kind="linear", final=-1)
+    with pytest.raises(ValueError, match="total"):
+        optimlab.wd_schedule(opt, total=0, kind="linear")
+    with pytest.raises(ValueError, match="multiplier -1.0 at update 0"):
+        optimlab.LambdaWD(opt, lambda t: -1.0)
+    with pytest.raises(ValueError, match="Expected 1 wd_lambdas, got 2"):
+        optimlab.LambdaWD(opt, [lambda t: 1.0] * 2)
+    with pytest.raises(ValueError, match="no 'weight_decay'"):
+        optimlab.LambdaWD(torch.optim.LBFGS(_params()), lambda t: 1.0)

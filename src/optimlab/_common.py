@@ -210,17 +210,20 @@ class WeightDecay:
     @classmethod
     def of(cls, group: dict, form: ShrinkForm | None = None) -> "WeightDecay":
         """The decay ``group`` asks for (``weight_decay``, ``wd_mode``, ``wd_after_update``,
-        its lr and initial_lr).  ``form``: the shrink's rounding; by default ``MULTIPLY``
+        its lr and initial_lr, and ``wd_multiplier``, which a `optimlab.WeightDecayScheduler`
+        sets: lambda_t = m_t lambda).  ``form``: the shrink's rounding; by default ``MULTIPLY``
         before the update and ``ADD`` after it (torch's and CS224N's forms)."""
         wd = scalar(group["weight_decay"])
-        if wd == 0:
+        m = scalar(group.get("wd_multiplier", 1.0))
+        if wd == 0 or m == 0:
             return NO_DECAY
         if group["wd_mode"] == "l2":
-            return cls(l2=wd)
+            return cls(l2=wd * m)
         after = bool(group.get("wd_after_update", False))
         if form is None:
             form = ShrinkForm.ADD if after else ShrinkForm.MULTIPLY
-        return cls(lam=decay_rate(wd, group["wd_mode"]), factor=decay_multiplier(group),
+        lam = decay_rate(wd, group["wd_mode"])
+        return cls(lam=lam * m if m != 1 else lam, factor=decay_multiplier(group),
                    after=after, form=form)
 
     # ---- the reference arithmetic: on tensors, and on TensorLists (optimlab._foreach)

@@ -7,6 +7,7 @@ Top to bottom, for each epoch::
         micro, n = micro_batches(batch)        # this process's share, cut into micro-batches
         loss = step(model, optimizer, micro)   # default: accumulate_and_step (SAM or not)
         scheduler.step()                       # one lr multiplier per update
+        wd_scheduler.step()                    # and one weight-decay multiplier, if given
         should_stop(fit, loss)                 # signals, a limit (every process agrees)
         after_update(fit)                      # checkpoints every N updates
     on_epoch_end(fit, record)                  # evaluation, best weights, metrics
@@ -151,6 +152,8 @@ class Fit:
 
     Args:
         model, optimizer, scheduler: what is trained; ``scheduler.step()`` after each update.
+        wd_scheduler: an `optimlab.WeightDecayScheduler` stepped after each update too, or
+            None.
         epochs: the number of epochs.
         plan: ``plan(epoch)`` -> that epoch's batches (lists of example indices).
         micro_batches: ``micro_batches(batch)`` -> (micro-batches for ``step``, the number of
@@ -169,8 +172,10 @@ class Fit:
                  loss_fn: Callable | None = None, step: Callable | None = None,
                  max_grad_norm: float | None = None, autocast: torch.dtype | None = None,
                  position: Position | None = None, world: int = 1,
-                 stop_on_nonfinite: bool = False, progress: Callable | None = None):
+                 stop_on_nonfinite: bool = False, progress: Callable | None = None,
+                 wd_scheduler=None):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.wd_scheduler = wd_scheduler
         self.epochs, self.plan, self.micro_batches = epochs, plan, micro_batches
         if step is None:
             def step(model, optimizer, micro):
@@ -222,6 +227,8 @@ class Fit:
                     micro, n = self.micro_batches(batch)
                     loss = self.step(self.model, self.optimizer, micro)
                     self.scheduler.step()
+                    if self.wd_scheduler is not None:
+                        self.wd_scheduler.step()
                     pos.step_in_epoch += 1
                     pos.step += 1
                     loss_sum += torch.tensor([loss * n, n], dtype=torch.float64)

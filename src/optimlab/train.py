@@ -73,6 +73,7 @@ from .data import TASKS, load_file, load_split
 from .loop import (SCHEDULES, Fit, Position, epoch_batches, length_grouped_batches,
                    lr_multiplier, schedule, updates_per_epoch, warmup_updates)
 from .registry import create_optimizer, get_spec, list_optimizers, param_groups_weight_decay
+from .wd_scheduler import WD_SCHEDULES, wd_schedule
 
 __all__ = ["TrainConfig", "train", "resume", "SCHEDULES", "default_lr", "length_grouped_batches",
            "lr_multiplier", "atomic_save", "write_predictions"]
@@ -121,7 +122,9 @@ class TrainConfig:
     optimizer: str = "adamw"             # any name of `optimlab.list_optimizers()`
     lr: float | None = None              # peak learning rate; None: `default_lr`
     weight_decay: float = 0.01           # on weight matrices only (biases, norms: none)
-    wd_mode: str | None = None           # l2 / decoupled / independent; None: the optimizer's
+    wd_mode: str | None = None           # any of WD_MODES; None: the optimizer's
+    wd_schedule: str = "constant"        # weight-decay multiplier: constant, linear, cosine
+    wd_final: float = 1.0                # ... from 1 to this at the end (linear, cosine)
     sam: bool = False                    # wrap the optimizer in SAM (two passes per update)
     rho: float = 0.05                    # SAM's radius
     asam: bool = False                   # adaptive SAM (ASAM; wants rho ~ 0.5)
@@ -183,6 +186,11 @@ class TrainConfig:
                              f"{', '.join(list_optimizers())}")
         _choice("--fine-tune-mode", c.fine_tune_mode, FINE_TUNE_MODES)
         _choice("--schedule", c.schedule, SCHEDULES)
+        _choice("--wd-schedule", c.wd_schedule, WD_SCHEDULES)
+        _nonnegative("--wd-final", c.wd_final)
+        if c.wd_schedule == "constant" and c.wd_final != 1.0:
+            raise ValueError(f"--wd-final {c.wd_final} needs --wd-schedule linear or cosine "
+                             f"(constant keeps the weight decay as given)")
         if c.wd_mode is not None:
             _choice("--wd-mode", c.wd_mode, WD_MODES)
             if c.wd_mode == "timescale" and 0 < c.weight_decay < 1:
@@ -499,6 +507,7 @@ class _Run:
                                       # (FSDP2 shards `model` itself)
     optimizer: torch.optim.Optimizer
     scheduler: Any
+    wd_scheduler: Any                 # an optimlab.WeightDecayScheduler, or None (constant)
     n_decay: int
     updates_per_epoch: int
     total_updates: int
@@ -638,6 +647,8 @@ def _build(cfg, world, rank, device, own_group, say, tqdm) -> _Run:
     total = per_epoch * cfg.epochs
     warmup = warmup_updates(cfg.warmup, total)
     scheduler = schedule(optimizer, total=total, warmup=warmup, kind=cfg.schedule)
+    wd_scheduler = (wd_schedule(optimizer, total=total, kind=cfg.wd_schedule, final=cfg.wd_final)
+                    if cfg.wd_schedule != "constant" else None)
 
     train_model = model
     if world > 1 and not cfg.fsdp:
@@ -648,6 +659,7 @@ def _build(cfg, world, rank, device, own_group, say, tqdm) -> _Run:
                 tqdm=tqdm, model_dir=model_dir, data=data, num_labels=num_labels, model=model,
                 fingerprint=_fingerprint(data, model_dir),
                 train_model=train_model, optimizer=optimizer, scheduler=scheduler,
+                wd_scheduler=wd_scheduler,
                 n_decay=sum(p.numel() for g in groups if g["weight_decay"] for p in g["params"]),
                 updates_per_epoch=per_epoch, total_updates=total, warmup=warmup)
 
@@ -865,6 +877,7 @@ def _save_run_state(run: _Run, fit: Fit, history: list, best: dict, wall_time: f
         atomic_save({
             "format": "optimlab.train/1", "config": asdict(run.cfg), **weights,
             "scheduler": run.scheduler.state_dict(), "ranks": per_rank,
+            **({"wd_scheduler": run.wd_scheduler.state_dict()} if run.wd_scheduler else {}),
             "position": {"epoch": pos["epoch"], "step_in_epoch": pos["step_in_epoch"],
                          "step": pos["step"], "batches": pos["batches"],
                          "seen": pos["seen"] if pos["batches"] is not None else 0,
@@ -898,6 +911,8 @@ def _load_run_state(run: _Run, state: dict) -> tuple[Position, list, dict, float
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
+    if run.wd_scheduler is not None:
+        run.wd_scheduler.load_state_dict(state["wd_scheduler"])
     ranks = state["ranks"]
     mine = ranks[run.rank % len(ranks)]
     loss_sum = mine["loss_sum"]
@@ -984,7 +999,8 @@ def _fit(cfg: TrainConfig, state: dict | None, handle_signals: bool,
                                                    world=run.world),
                   micro_batches=micro_batches, loss_fn=_loss_fn, max_grad_norm=cfg.max_grad_norm,
                   autocast=torch.bfloat16 if cfg.bf16 else None, position=position,
-                  world=run.world, stop_on_nonfinite=True, progress=progress)
+                  world=run.world, stop_on_nonfinite=True, progress=progress,
+                  wd_scheduler=run.wd_scheduler)
         memory: dict = {}
 
         def write_metrics(status: str) -> dict:
@@ -1032,6 +1048,8 @@ def _fit(cfg: TrainConfig, state: dict | None, handle_signals: bool,
                       "eval_seconds": round(time.perf_counter() - tick, 2),
                       "train_examples_per_s": round(rec.examples / rec.train_seconds, 2),
                       "lr_end": run.scheduler.get_last_lr()[0], "updates": rec.updates}
+            if run.wd_scheduler is not None:
+                record["wd_multiplier_end"] = run.wd_scheduler.get_last_multiplier()[0]
             history.append(record)
             if dev_acc > best["dev_acc"]:         # the same verdict on every process
                 best = {"epoch": rec.epoch, "dev_acc": dev_acc}
@@ -1160,6 +1178,12 @@ def add_arguments(p) -> None:
                    help=f"on weight matrices; biases and LayerNorms never (default "
                         f"{d.weight_decay}); with --wd-mode timescale: tau, in updates")
     g.add_argument("--wd-mode", choices=WD_MODES, default=S, help="default: the optimizer's")
+    g.add_argument("--wd-schedule", choices=WD_SCHEDULES, default=S,
+                   help="a weight-decay multiplier over the updates, beside the lr schedule: "
+                        "from 1 to --wd-final (default constant)")
+    g.add_argument("--wd-final", type=float, default=S, metavar="M",
+                   help="the multiplier at the end of a linear or cosine --wd-schedule "
+                        "(e.g. 10 raises the decay tenfold, 0 turns it off)")
     g.add_argument("--sam", action="store_true", default=S, help="wrap the optimizer in SAM")
     g.add_argument("--rho", type=float, default=S, help=f"SAM radius (default {d.rho})")
     g.add_argument("--asam", action="store_true", default=S, help="adaptive SAM (with --sam)")
