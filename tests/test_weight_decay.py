@@ -64,7 +64,9 @@ def test_each_mode_shrinks_as_its_formula_says(name, mode, impl):
         torch.testing.assert_close(p.detach(), p0 * factor, rtol=1e-12, atol=1e-12)
 
 
-def _train(opt, params, sched, steps, set_wd=None):
+def _train(opt, params, steps, *schedulers, set_wd=None):
+    """``steps`` updates on seeded noisy-quadratic gradients, each scheduler stepped after
+    each; ``set_wd(t)`` before update t."""
     g = torch.Generator().manual_seed(1)
     for t in range(steps):
         if set_wd is not None:
@@ -72,7 +74,8 @@ def _train(opt, params, sched, steps, set_wd=None):
         for p in params:
             p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype) + 0.5 * p.detach()
         opt.step()
-        sched.step()
+        for sched in schedulers:
+            sched.step()
 
 
 @pytest.mark.parametrize("after", [False, True])
@@ -95,8 +98,8 @@ def test_each_mode_is_decoupled_decay_with_its_per_step_lambda(name, mode, after
         for group in ob.param_groups:
             group["weight_decay"] = literal_shrink(mode, wd, lr, LR0) / lr
 
-    _train(oa, pa, sa, len(MULTIPLIERS))
-    _train(ob, pb, sb, len(MULTIPLIERS), set_wd)
+    _train(oa, pa, len(MULTIPLIERS), sa)
+    _train(ob, pb, len(MULTIPLIERS), sb, set_wd=set_wd)
     moved = max((a - a0).abs().max().item() for a, a0 in zip(pa, _params()))
     assert moved > 1e-2
     for a, b in zip(pa, pb):
@@ -109,8 +112,8 @@ def test_timescale_tau_is_independent_decay_one_over_tau(name):
     oa = _make(name, pa, "timescale", "auto", weight_decay=8.0)
     ob = _make(name, pb, "independent", "auto", weight_decay=1 / 8.0)
     for opt, params in ((oa, pa), (ob, pb)):
-        _train(opt, params, torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda t: MULTIPLIERS[min(t, 5)]), len(MULTIPLIERS))
+        _train(opt, params, len(MULTIPLIERS), torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda t: MULTIPLIERS[min(t, 5)]))
     assert all(torch.equal(a, b) for a, b in zip(pa, pb))
 
 
@@ -119,7 +122,7 @@ def test_timescale_zero_means_no_decay_and_a_negative_tau_is_refused():
     oa = optimlab.AdamW(pa, lr=LR0, weight_decay=0.0, wd_mode="timescale")
     ob = optimlab.AdamW(pb, lr=LR0, weight_decay=0.0)
     for opt, params in ((oa, pa), (ob, pb)):
-        _train(opt, params, torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0), 3)
+        _train(opt, params, 3, torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0))
     assert all(torch.equal(a, b) for a, b in zip(pa, pb))
     with pytest.raises(ValueError, match="weight_decay"):
         optimlab.AdamW(_params(), weight_decay=-1.0, wd_mode="timescale")
@@ -163,18 +166,6 @@ def test_a_wd_schedule_scales_each_modes_shrink(name, mode, impl):
     assert all(g["weight_decay"] == wd for g in opt.param_groups)      # never rewritten
 
 
-def _train_scheduled(opt, params, steps, set_wd=None, wds=None):
-    g = torch.Generator().manual_seed(1)
-    for t in range(steps):
-        if set_wd is not None:
-            set_wd(t)
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype) + 0.5 * p.detach()
-        opt.step()
-        if wds is not None:
-            wds.step()
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_a_wd_schedule_scales_the_l2_coefficient(name):
     """``l2``: the gradient gets m_t lambda theta, exactly as if weight_decay were m_t lambda."""
@@ -187,8 +178,8 @@ def test_a_wd_schedule_scales_the_l2_coefficient(name):
         for group in ob.param_groups:
             group["weight_decay"] = WD_DEFAULT * WD_MULTIPLIERS[t]
 
-    _train_scheduled(oa, pa, 6, wds=wds)
-    _train_scheduled(ob, pb, 6, set_wd=set_wd)
+    _train(oa, pa, 6, wds)
+    _train(ob, pb, 6, set_wd=set_wd)
     assert all(torch.equal(a, b) for a, b in zip(pa, pb))
 
 
@@ -250,9 +241,9 @@ def test_a_wd_schedule_resumes_from_its_state_dict():
         opt = optimlab.AdamW(params, lr=LR0, weight_decay=0.3, wd_mode="independent")
         return params, opt, optimlab.wd_schedule(opt, total=6, kind="cosine", final=4.0)
     pa, oa, wa = build()
-    _train_scheduled(oa, pa, 6, wds=wa)
+    _train(oa, pa, 6, wa)
     pb, ob, wb = build()
-    _train_scheduled(ob, pb, 3, wds=wb)
+    _train(ob, pb, 3, wb)
     buf = io.BytesIO()
     torch.save({"opt": ob.state_dict(), "wd": wb.state_dict(),
                 "params": [p.detach() for p in pb]}, buf)
