@@ -290,3 +290,112 @@ def test_wd_schedule_shapes_and_bad_input():
         optimlab.LambdaWD(opt, [lambda t: 1.0] * 2)
     with pytest.raises(ValueError, match="no 'weight_decay'"):
         optimlab.LambdaWD(torch.optim.LBFGS(_params()), lambda t: 1.0)
+
+
+# --------------------------------------------------------------------------- optimlab convert
+RECIPE = dict(lr=3e-3, steps=40, schedule="cosine", warmup=0.1, steps_per_epoch=8)
+SOURCES = {"torch": 0.1, "optax": 0.1, "composer": 3e-4, "timescale": 3000.0,
+           "timescale-epochs": 400.0, "normalized": 2e-3, "lr_squared": 0.2, "absolute": 1e-4}
+
+
+def _as_optimlab(setting) -> dict:
+    """The optimlab AdamW options that apply a converted setting."""
+    v, k = setting.value, RECIPE["steps_per_epoch"]
+    return {"torch": dict(wd_mode="decoupled", weight_decay=v),
+            "optax": dict(wd_mode="decoupled", weight_decay=v),
+            "composer": dict(wd_mode="independent", weight_decay=v),
+            "timescale": dict(wd_mode="timescale", weight_decay=v),
+            "timescale-epochs": dict(wd_mode="timescale", weight_decay=v * k),
+            "normalized": dict(wd_mode="independent",
+                               weight_decay=v / RECIPE["steps"] ** 0.5),
+            "lr_squared": dict(wd_mode="lr_squared", weight_decay=v),
+            "absolute": dict(wd_mode="absolute", weight_decay=v)}[setting.convention]
+
+
+def _run_recipe(options, dtype=torch.float32, zero_grads=False):
+    from optimlab.loop import schedule, warmup_updates
+    g = torch.Generator().manual_seed(3)
+    params = [torch.randn(12, 6, generator=g, dtype=dtype).requires_grad_(),
+              torch.randn(6, generator=g, dtype=dtype).requires_grad_()]
+    opt = optimlab.Adam(params, lr=RECIPE["lr"], eps_placement="sqrt_v_hat", **options)
+    sched = schedule(opt, total=RECIPE["steps"], kind=RECIPE["schedule"],
+                     warmup=warmup_updates(RECIPE["warmup"], RECIPE["steps"]))
+    for _ in range(RECIPE["steps"]):
+        for p in params:
+            p.grad = torch.zeros_like(p) if zero_grads else \
+                torch.randn(p.shape, generator=g, dtype=dtype) + 0.1 * p.detach()
+        opt.step()
+        sched.step()
+    return params
+
+
+@pytest.mark.parametrize("source", list(SOURCES))
+def test_a_converted_recipe_trains_to_the_same_weights(source):
+    """Every "exact" conversion of every source, run as optimlab options, ends with the
+    source's weights (float32, 1e-6); every "same total" one shrinks the weights by the same
+    factor over the run (zero gradients, float64, 1e-9)."""
+    conv = optimlab.convert_weight_decay(convention=source, weight_decay=SOURCES[source],
+                                         **RECIPE)
+    want = _run_recipe(_as_optimlab(conv.source))
+    start = _run_recipe({}, dtype=torch.float64, zero_grads=True)
+    for setting in conv.settings:
+        if setting.how in ("source", "exact"):
+            got = _run_recipe(_as_optimlab(setting))
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=setting.convention)
+        else:
+            assert setting.how == "same total"
+            shrunk = _run_recipe(_as_optimlab(setting), dtype=torch.float64, zero_grads=True)
+            ratio = (shrunk[0] / start[0]).mean().item()
+            assert ratio == pytest.approx(conv.source.total, rel=1e-9), setting.convention
+            assert setting.total == pytest.approx(conv.source.total, rel=1e-12)
+    # a running reference: torch.optim.AdamW itself against the Composer-convention value
+    if source == "torch":
+        ref = [p.detach().clone().requires_grad_() for p in
+               _run_recipe({}, zero_grads=True)]            # the same starting weights
+        from optimlab.loop import schedule, warmup_updates
+        g = torch.Generator().manual_seed(3)
+        [torch.randn(12, 6, generator=g), torch.randn(6, generator=g)]
+        opt = torch.optim.AdamW(ref, lr=RECIPE["lr"], weight_decay=SOURCES["torch"])
+        sched = schedule(opt, total=RECIPE["steps"], kind=RECIPE["schedule"],
+                         warmup=warmup_updates(RECIPE["warmup"], RECIPE["steps"]))
+        for _ in range(RECIPE["steps"]):
+            for p in ref:
+                p.grad = torch.randn(p.shape, generator=g) + 0.1 * p.detach()
+            opt.step()
+            sched.step()
+        composer = _run_recipe(_as_optimlab(conv["composer"]))
+        for a, b in zip(composer, ref):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("source", list(SOURCES))
+def test_a_round_trip_returns_the_input(source):
+    conv = optimlab.convert_weight_decay(convention=source, weight_decay=SOURCES[source],
+                                         **RECIPE)
+    for setting in conv.settings:
+        back = optimlab.convert_weight_decay(convention=setting.convention,
+                                             weight_decay=setting.value, **RECIPE)[source]
+        assert back.value == pytest.approx(SOURCES[source], rel=1e-9), setting.convention
+
+
+def test_convert_on_the_command_line(capsys):
+    from optimlab import cli
+    argv = ["convert", "--from", "torch", "--lr", "3e-4", "--weight-decay", "0.1", "--steps",
+            "10000", "--schedule", "cosine", "--steps-per-epoch", "1000"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "from torch 0.1" in out and "composer" in out and "same total" in out
+    assert "weight_decay=3e-05" in out                       # Composer's lambda: lr x torch's
+    assert cli.main(argv + ["--json"]) == 0
+    import json
+    data = json.loads(capsys.readouterr().out)
+    assert {s["convention"] for s in data["settings"]} == set(optimlab.wd_convert.CONVENTIONS)
+    for bad, message in (
+            (["--weight-decay", "-1"], "Invalid weight_decay: -1.0"),
+            (["--from", "timescale-epochs", "--steps-per-epoch", "0"], "steps_per_epoch"),
+            (["--from", "absolute", "--weight-decay", "2"], "no convention means the same"),
+            (["--from", "timescale", "--weight-decay", "0.5"], "did you mean a lambda")):
+        code = cli.main([*argv[:-2], *bad] if "--steps-per-epoch" in bad else [*argv, *bad])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and message in err, (bad, err)

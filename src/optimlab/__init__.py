@@ -15,6 +15,7 @@ from .sam import SAM, accumulate_and_step
 from .sgd import SGD
 from .registry import (REGISTRY, OptimizerSpec, create_optimizer, list_optimizers,
                        param_groups_weight_decay)
+from .wd_convert import convert_weight_decay
 from .wd_scheduler import LambdaWD, WeightDecayScheduler, wd_schedule
 
 __version__ = "0.1.0"
@@ -25,6 +26,6 @@ __all__ = [
     "Adafactor",
     "SGD", "AdaGrad", "RMSProp", "RAdam",
     "SAM", "accumulate_and_step",
-    "WeightDecayScheduler", "LambdaWD", "wd_schedule",
+    "WeightDecayScheduler", "LambdaWD", "wd_schedule", "convert_weight_decay",
     "REGISTRY", "OptimizerSpec", "create_optimizer", "list_optimizers", "param_groups_weight_decay",
 ]

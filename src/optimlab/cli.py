@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_arguments(sub.add_parser(
         "bench", help="time every optimizer against torch.optim (GPT-2 small shapes, a small model)"))
 
+    from .wd_convert import add_arguments as add_convert_arguments
+    add_convert_arguments(sub.add_parser(
+        "convert", help="a weight decay in every convention (torch, optax, Composer, timescale, "
+                        "normalized, lr_squared, absolute) for one recipe"))
+
     from .lab import add_arguments as add_lab_arguments
     add_lab_arguments(sub.add_parser(
         "lab", help="run an experiment of the optimizer lab (plots + report in reports/NAME)"))
@@ -66,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "train":
             from .train import exit_code, main as train_main
             return exit_code(train_main(args))
+        elif args.command == "convert":
+            from .wd_convert import main_args as convert_main
+            return convert_main(args)
         elif args.command == "bench":
             from .bench import main_args as bench_main
             return bench_main(args)
