@@ -35,7 +35,8 @@ STEPS = 3
 def _wd(draw):
     wd = draw(st.sampled_from([0.0, 0.1]))
     return dict(weight_decay=wd, wd_mode=draw(st.sampled_from(optimlab.WD_MODES)),
-                wd_after_update=draw(st.booleans()))
+                wd_after_update=draw(st.booleans()),
+                wd_form=draw(st.sampled_from([None, None, *optimlab.WD_FORMS])))
 
 
 @st.composite

@@ -305,11 +305,12 @@ def test_bf16_autocast(tiny_nodrop, tmp_path):
 
 
 def test_a_weight_decay_schedule_runs_and_resumes_exactly(tiny, tmp_path, capsys):
-    """--wd-schedule cosine --wd-final 0: the decay's multiplier goes from 1 to 0 over the run
-    (recorded per epoch), the run differs from constant decay, and a run stopped inside an
-    epoch and resumed ends bit for bit as the uninterrupted one (the scheduler's state is in
-    the checkpoint)."""
-    extra = ["--weight-decay", "0.5", "--wd-schedule", "cosine", "--wd-final", "0"]
+    """--wd-schedule cosine --wd-final 0 --wd-form compensated: the decay's multiplier goes
+    from 1 to 0 over the run (recorded per epoch), the run differs from constant decay, and a
+    run stopped inside an epoch and resumed ends bit for bit as the uninterrupted one (the
+    scheduler's state and the compensation buffers are in the checkpoint)."""
+    extra = ["--weight-decay", "0.5", "--wd-schedule", "cosine", "--wd-final", "0",
+             "--wd-form", "compensated"]
     assert _cli(_args(tiny, tmp_path / "whole", *extra), capsys)[0] == 0
     assert _cli(_args(tiny, tmp_path / "cut", *extra, "--stop-after", 3), capsys)[0] == 0
     assert _cli(["train", "--resume", tmp_path / "cut", "--no-progress"], capsys)[0] == 0
@@ -318,6 +319,7 @@ def test_a_weight_decay_schedule_runs_and_resumes_exactly(tiny, tmp_path, capsys
     _assert_same_state(whole, cut)
     assert _history(tmp_path / "whole") == _history(tmp_path / "cut")
     assert whole["wd_scheduler"]["last_epoch"] == 10
+    assert any("wd_compensation" in st for st in whole["optimizer"]["state"].values())
     ends = [e["wd_multiplier_end"] for e in _metrics(tmp_path / "whole")["epochs"]]
     assert ends[0] == pytest.approx(0.5) and ends[1] == 0.0
     constant = _ckpt(tmp_path / "constant")["model"]

@@ -4,7 +4,7 @@ Every optimizer is a ``torch.optim.Optimizer`` subclass; see each class's docstr
 update rule in the paper's symbols and every departure from the paper.
 """
 
-from ._common import EPS_PLACEMENTS, WD_MODES
+from ._common import EPS_PLACEMENTS, WD_FORMS, WD_MODES
 from ._optimizer import Optimizer
 from .adafactor import Adafactor
 from .adagrad import AdaGrad
@@ -21,7 +21,7 @@ from .wd_scheduler import LambdaWD, WeightDecayScheduler, wd_schedule
 __version__ = "0.1.0"
 
 __all__ = [
-    "Optimizer", "WD_MODES", "EPS_PLACEMENTS",
+    "Optimizer", "WD_MODES", "WD_FORMS", "EPS_PLACEMENTS",
     "Adam", "AdamW", "AMSGrad",
     "Adafactor",
     "SGD", "AdaGrad", "RMSProp", "RAdam",

@@ -9,9 +9,13 @@ paths.  Scalars are Python floats shared by the whole list (the optimizer shell 
 tensors whose per-tensor scalars are equal, `optimlab._optimizer`).
 
 On CPU torch's foreach kernels run the per-tensor operation on each tensor, so the two paths
-agree bit for bit; on CUDA they are fused and agree to float rounding (and in float16 and
-bfloat16 the foreach kernels round scalar operands to the tensor's dtype).  A method without
-a foreach kernel (``to``) loops over the tensors.
+agree bit for bit, with one exception that `TensorList` removes: ``torch._foreach_mul_`` rounds
+a Python scalar to a float16/bfloat16 list's dtype (0.99 becomes 0.98828125) where
+``Tensor.mul_`` multiplies by it in float32, so such a scalar goes to it as a 0-dim float64
+tensor, which it applies as the per-tensor op does (torch 2.13: the two then agree on every
+element).  On CUDA the kernels are fused and agree to float rounding (and in float16 and
+bfloat16 they round scalar operands to the tensor's dtype).  A method without a foreach
+kernel (``to``) loops over the tensors.
 """
 
 from __future__ import annotations
@@ -25,6 +29,20 @@ __all__ = ["TensorList", "maximum_"]
 
 def _other(x):
     return x.ts if isinstance(x, TensorList) else x
+
+
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _factor(ts: list, x):
+    """A multiplier for ``torch._foreach_mul``: a Python number multiplying a float16/bfloat16
+    list on CPU as a 0-dim float64 tensor (see the module docstring), else as it is."""
+    if isinstance(x, TensorList):
+        return x.ts
+    if isinstance(x, (int, float)) and ts and ts[0].dtype in _LOW and \
+            ts[0].device.type == "cpu":
+        return torch.tensor(float(x), dtype=torch.float64)
+    return x
 
 
 class TensorList:
@@ -58,7 +76,7 @@ class TensorList:
 
     # ---- in place
     def mul_(self, other) -> "TensorList":
-        torch._foreach_mul_(self.ts, _other(other))
+        torch._foreach_mul_(self.ts, _factor(self.ts, other))
         return self
 
     def div_(self, other) -> "TensorList":
@@ -112,7 +130,7 @@ class TensorList:
         return TensorList(torch._foreach_neg(self.ts))
 
     def __mul__(self, other) -> "TensorList":
-        return TensorList(torch._foreach_mul(self.ts, _other(other)))
+        return TensorList(torch._foreach_mul(self.ts, _factor(self.ts, other)))
 
     __rmul__ = __mul__
 
@@ -122,7 +140,7 @@ class TensorList:
     def __rtruediv__(self, other: float) -> "TensorList":
         # torch's Tensor.__rtruediv__: other / t is t.reciprocal() * other
         out = torch._foreach_reciprocal(self.ts)
-        torch._foreach_mul_(out, other)
+        torch._foreach_mul_(out, _factor(out, other))
         return TensorList(out)
 
 

@@ -66,7 +66,8 @@ import torch
 from torch.autograd.graph import increment_version
 
 from . import _ext, _gate, _shards
-from ._common import IMPLS, NONFINITE_POLICIES, all_finite, check_choice, report_nonfinite
+from ._common import (IMPLS, NONFINITE_POLICIES, ShrinkForm, all_finite, check_choice,
+                      compensated_shrink, report_nonfinite)
 from ._foreach import TensorList
 
 __all__ = ["Optimizer"]
@@ -148,6 +149,14 @@ class Optimizer(torch.optim.Optimizer):
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         raise NotImplementedError
 
+    def _full_init_state(self, p: torch.Tensor, group: dict) -> dict:
+        """`_init_state`, plus the shell's own state: ``wd_compensation`` (the compensated
+        shrink's rounding errors, in the weights' dtype) where ``wd_form="compensated"``."""
+        state = self._init_state(p, group)
+        if group.get("wd_form") == "compensated":
+            state["wd_compensation"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
     def _step_scalars(self, hp: Any, p: torch.Tensor, state: dict) -> Any:
         """The per-tensor scalars of the coming step (see the module docstring)."""
         raise NotImplementedError
@@ -170,7 +179,7 @@ class Optimizer(torch.optim.Optimizer):
             known = fresh is not None and p in self.state
             state = self.state[p]
             if not state:
-                state.update(self._init_state(p, group))
+                state.update(self._full_init_state(p, group))
                 if fresh is not None:
                     fresh.append((p, known))
             states.append(state)
@@ -268,19 +277,43 @@ class Optimizer(torch.optim.Optimizer):
         states = self._group_states(group, params)
         scalars = self._scalars(hp, params, states)
         grads = [p.grad for p in params]
+        hp, decay = self._kernel_decay(hp)
+        views = (params, grads, states)
         if any(_shards.is_dtensor(p) for p in params):
             # DTensor parameters (FSDP2, tensor parallel): the rule is element-wise, so each
             # rank updates its own shard, on whichever path takes the local tensors
             views = _shards.local_views(params, grads, states)
-            self._run(hp, *views, scalars)
+        self._run(hp, *views, scalars, decay)
+        if views[0] is not params:
             _shards.write_back(states, views[2])
-        else:
-            self._run(hp, params, grads, states, scalars)
 
-    def _run(self, hp, params, grads, states, scalars) -> None:
-        """One group's update on plain tensors, on the paths ``impl`` asks for."""
+    @staticmethod
+    def _kernel_decay(hp):
+        """(the hyper-parameters the kernels get, the decay the shell applies or None): with
+        ``wd_form="compensated"`` the shell shrinks, compensated, around a kernel that shrinks
+        nothing.  The element-wise kernels read theta only for the decay, so shrinking before
+        the kernel (or after it, for ``wd_after_update``) is the same update."""
+        decay = hp.decay
+        if decay.form != ShrinkForm.COMPENSATED or decay.lam == 0:
+            return hp, None
+        return dataclasses.replace(hp, decay=dataclasses.replace(decay, lam=0.0)), decay
+
+    @staticmethod
+    def _compensated_shrink(params, states, decay) -> None:
+        c = decay.factor * decay.lam
+        for p, st in zip(params, states):
+            compensated_shrink(_shards.local(p), _shards.local(st["wd_compensation"]), c)
+
+    def _run(self, hp, params, grads, states, scalars, decay=None) -> None:
+        """One group's update on plain tensors, on the paths ``impl`` asks for; ``decay``: a
+        compensated shrink the shell applies around the kernels (`_kernel_decay`), once every
+        path is settled (a refusal writes nothing)."""
+        if decay is not None and not decay.after and self.impl == "reference":
+            self._compensated_shrink(params, states, decay)
         if self.impl == "reference":
             self._reference(hp, params, grads, states, scalars)
+            if decay is not None and decay.after:
+                self._compensated_shrink(params, states, decay)
             return
         # every bucket's path is settled before any bucket runs: impl="fused" refuses before
         # anything is written
@@ -311,6 +344,8 @@ class Optimizer(torch.optim.Optimizer):
                 if path == "foreach" and _gate.shares_memory(*part[:3]):
                     path = "reference"            # the multi-tensor order would differ
             plan.append((path, key, part))
+        if decay is not None and not decay.after:
+            self._compensated_shrink(params, states, decay)
         for path, key, part in plan:
             if path == "fused-cpu" and self._run_cpu(key, hp, *part):
                 continue
@@ -320,6 +355,8 @@ class Optimizer(torch.optim.Optimizer):
                 self._foreach(hp, *part)
             else:   # auto on CPU (torch's CPU foreach kernels are per-tensor loops anyway), or
                 self._reference(hp, *part)         # tensors that share memory
+        if decay is not None and decay.after:
+            self._compensated_shrink(params, states, decay)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *,
@@ -401,7 +438,7 @@ class Optimizer(torch.optim.Optimizer):
         for pid, p, group, gi in pairs:
             if pid not in saved_state:
                 continue
-            expected = self._init_state(p, group)
+            expected = self._full_init_state(p, group)
             got = saved_state[pid]
             if set(got) != set(expected):
                 raise ValueError(

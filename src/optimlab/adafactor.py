@@ -641,7 +641,8 @@ class Adafactor(Optimizer):
                  scale_parameter: bool = True, relative_step: bool = True,
                  warmup_init: bool = False, eps1_placement: str = "grad_sq",
                  momentum_of: str = "scaled_update", decay_scale: str = "lr",
-                 wd_after_update: bool = False, upcast: bool = True, maximize: bool = False,
+                 wd_after_update: bool = False, wd_form: str | None = None,
+                 upcast: bool = True, maximize: bool = False,
                  nonfinite: str = "skip", impl: str = "auto"):
         defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate,
                         beta1=beta1, weight_decay=weight_decay, wd_mode=wd_mode,
@@ -649,6 +650,7 @@ class Adafactor(Optimizer):
                         relative_step=bool(relative_step), warmup_init=bool(warmup_init),
                         eps1_placement=eps1_placement, momentum_of=momentum_of,
                         decay_scale=decay_scale, wd_after_update=bool(wd_after_update),
+                        wd_form=wd_form,
                         upcast=bool(upcast), maximize=bool(maximize))
         self._check_group(defaults)
         super().__init__(params, defaults, nonfinite=nonfinite, impl=impl)
@@ -665,13 +667,20 @@ class Adafactor(Optimizer):
         check_range("decay_rate", group["decay_rate"], high=0.0)
         if group["beta1"] is not None:
             group["beta1"] = check_range("beta1", group["beta1"], 0.0, 1.0, high_open=True)
-        _, wd_mode = check_weight_decay(group["weight_decay"], group["wd_mode"])
+        _, wd_mode = check_weight_decay(group["weight_decay"], group["wd_mode"],
+                                        group.setdefault("wd_form", None))
         check_choice("eps1_placement", group["eps1_placement"], EPS1_PLACEMENTS)
         check_choice("momentum_of", group["momentum_of"], MOMENTUM_OF)
         check_choice("decay_scale", group["decay_scale"], DECAY_SCALES)
         if group["decay_scale"] == "alpha" and wd_mode != "decoupled":
             raise ValueError(f"Invalid decay_scale: 'alpha' scales decoupled decay by the "
                              f"step alpha_t and needs wd_mode='decoupled', got {wd_mode!r}")
+        if group["wd_form"] == "compensated" and (group["scale_parameter"] or
+                                                  group["decay_scale"] == "alpha"):
+            raise ValueError("Invalid wd_form: 'compensated' shrinks the weights around the "
+                             "step, but this Adafactor reads them inside it (RMS(X_{t-1}) for "
+                             "scale_parameter=True, alpha_t for decay_scale='alpha'); use "
+                             "scale_parameter=False and decay_scale='lr', or another wd_form")
         if group["warmup_init"] and not group["relative_step"]:
             raise ValueError("Invalid warmup_init: True requires relative_step=True")
 
@@ -720,10 +729,14 @@ class Adafactor(Optimizer):
             raise RuntimeError("Adafactor(impl='fused'): DTensor parameters need collectives "
                                "between the kernel's passes (the factored statistics and RMS "
                                "values span shards); use impl='auto'")
-        hp = self.Hyper.of(group, params)
+        hp, decay = self._kernel_decay(self.Hyper.of(group, params))
         states = self._group_states(group, params)
+        if decay is not None and not decay.after:
+            self._compensated_shrink(params, states, decay)
         self._reference(hp, params, [p.grad for p in params], states,
                         self._scalars(hp, params, states))
+        if decay is not None and decay.after:
+            self._compensated_shrink(params, states, decay)
 
     def _foreach(self, hp: AdafactorHyper, params, grads, states, scalars) -> None:
         live = [i for i, p in enumerate(params) if p.numel() > 0]
@@ -750,7 +763,8 @@ class Adafactor(Optimizer):
         """The whole step (every group) in one call of the fused kernel, which runs pass 1 of
         every tensor before it writes anything and finds non-finite gradients on the way."""
         if self.impl not in ("auto", "fused") or not _ext.available() or \
-                any(_shards.is_dtensor(p) for _, params in work for p in params):
+                any(_shards.is_dtensor(p) for _, params in work for p in params) or \
+                any(group["wd_form"] == "compensated" for group, _ in work):
             return None
         live = [(group, params) for group, params in work if params]
         fresh, hps, rows, parts, keys = [], [], [], [], set()

@@ -120,10 +120,11 @@ class AdaGrad(Optimizer):
     def __init__(self, params, lr: float = 1e-2, lr_decay: float = 0.0,
                  weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
                  eps: float = 1e-10, *, wd_mode: str = "l2", wd_after_update: bool = False,
+                 wd_form: str | None = None,
                  maximize: bool = False, nonfinite: str = "skip", impl: str = "auto"):
         defaults = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                         initial_accumulator_value=initial_accumulator_value, eps=eps,
-                        wd_mode=wd_mode, wd_after_update=bool(wd_after_update),
+                        wd_mode=wd_mode, wd_after_update=bool(wd_after_update), wd_form=wd_form,
                         maximize=bool(maximize))
         self._check_group(defaults)
         super().__init__(params, defaults, nonfinite=nonfinite, impl=impl)
@@ -131,7 +132,8 @@ class AdaGrad(Optimizer):
     def _check_group(self, group: dict) -> None:
         check_range("lr", group["lr"], 0.0)
         check_range("lr_decay", group["lr_decay"], 0.0)
-        check_weight_decay(group["weight_decay"], group["wd_mode"])
+        check_weight_decay(group["weight_decay"], group["wd_mode"],
+                           group.setdefault("wd_form", None))
         check_range("initial_accumulator_value", group["initial_accumulator_value"], 0.0)
         check_range("eps", group["eps"], 0.0)
 

@@ -238,13 +238,13 @@ class Adam(Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, wd_mode: str = "l2", amsgrad: bool = False,
                  eps_placement: str = "sqrt_v_hat", correct_bias: bool = True,
-                 wd_after_update: bool = False, maximize: bool = False,
-                 state_dtype: torch.dtype | None = None, nonfinite: str = "skip",
-                 impl: str = "auto"):
+                 wd_after_update: bool = False, wd_form: str | None = None,
+                 maximize: bool = False, state_dtype: torch.dtype | None = None,
+                 nonfinite: str = "skip", impl: str = "auto"):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         wd_mode=wd_mode, amsgrad=bool(amsgrad), eps_placement=eps_placement,
                         correct_bias=bool(correct_bias), wd_after_update=bool(wd_after_update),
-                        maximize=bool(maximize), state_dtype=state_dtype)
+                        wd_form=wd_form, maximize=bool(maximize), state_dtype=state_dtype)
         self._check_group(defaults)
         super().__init__(params, defaults, nonfinite=nonfinite, impl=impl)
 
@@ -252,7 +252,8 @@ class Adam(Optimizer):
         check_range("lr", group["lr"], 0.0)
         group["betas"] = check_betas(group["betas"])
         check_range("eps", group["eps"], 0.0)
-        check_weight_decay(group["weight_decay"], group["wd_mode"])
+        check_weight_decay(group["weight_decay"], group["wd_mode"],
+                           group.setdefault("wd_form", None))
         check_choice("eps_placement", group["eps_placement"], EPS_PLACEMENTS)
         check_choice("state_dtype", group.setdefault("state_dtype", None), STATE_DTYPES)
 
@@ -329,13 +330,14 @@ class AdamW(Adam):
                  weight_decay: float = 0.0, correct_bias: bool = True, *,
                  wd_mode: str = "decoupled", amsgrad: bool = False,
                  eps_placement: str = "sqrt_v", wd_after_update: bool = True,
-                 maximize: bool = False, state_dtype: torch.dtype | None = None,
-                 nonfinite: str = "skip", impl: str = "auto"):
+                 wd_form: str | None = None, maximize: bool = False,
+                 state_dtype: torch.dtype | None = None, nonfinite: str = "skip",
+                 impl: str = "auto"):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          wd_mode=wd_mode, amsgrad=amsgrad, eps_placement=eps_placement,
                          correct_bias=correct_bias, wd_after_update=wd_after_update,
-                         maximize=maximize, state_dtype=state_dtype, nonfinite=nonfinite,
-                         impl=impl)
+                         wd_form=wd_form, maximize=maximize, state_dtype=state_dtype,
+                         nonfinite=nonfinite, impl=impl)
 
 
 class AMSGrad(Adam):

@@ -187,11 +187,12 @@ class RAdam(Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, wd_mode: str = "l2",
-                 wd_after_update: bool = False, rho_threshold: float = 5.0,
+                 wd_after_update: bool = False, wd_form: str | None = None,
+                 rho_threshold: float = 5.0,
                  degenerate_to_sgd: bool = True, eps_placement: str = "sqrt_v",
                  maximize: bool = False, nonfinite: str = "skip", impl: str = "auto"):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        wd_mode=wd_mode, wd_after_update=bool(wd_after_update),
+                        wd_mode=wd_mode, wd_after_update=bool(wd_after_update), wd_form=wd_form,
                         rho_threshold=rho_threshold, degenerate_to_sgd=bool(degenerate_to_sgd),
                         eps_placement=eps_placement, maximize=bool(maximize))
         self._check_group(defaults)
@@ -201,7 +202,8 @@ class RAdam(Optimizer):
         check_range("lr", group["lr"], 0.0)
         group["betas"] = check_betas(group["betas"])
         check_range("eps", group["eps"], 0.0)
-        check_weight_decay(group["weight_decay"], group["wd_mode"])
+        check_weight_decay(group["weight_decay"], group["wd_mode"],
+                           group.setdefault("wd_form", None))
         check_range("rho_threshold", group["rho_threshold"], 4.0)
         check_choice("eps_placement", group["eps_placement"], EPS_PLACEMENTS)
 

@@ -143,11 +143,13 @@ class RMSProp(Optimizer):
 
     def __init__(self, params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False, *,
-                 wd_mode: str = "l2", wd_after_update: bool = False, maximize: bool = False,
+                 wd_mode: str = "l2", wd_after_update: bool = False,
+                 wd_form: str | None = None, maximize: bool = False,
                  nonfinite: str = "skip", impl: str = "auto"):
         defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                         momentum=momentum, centered=bool(centered), wd_mode=wd_mode,
-                        wd_after_update=bool(wd_after_update), maximize=bool(maximize))
+                        wd_after_update=bool(wd_after_update), wd_form=wd_form,
+                        maximize=bool(maximize))
         self._check_group(defaults)
         super().__init__(params, defaults, nonfinite=nonfinite, impl=impl)
 
@@ -155,7 +157,8 @@ class RMSProp(Optimizer):
         check_range("lr", group["lr"], 0.0)
         check_range("alpha", group["alpha"], 0.0, 1.0, high_open=True)
         check_range("eps", group["eps"], 0.0)
-        check_weight_decay(group["weight_decay"], group["wd_mode"])
+        check_weight_decay(group["weight_decay"], group["wd_mode"],
+                           group.setdefault("wd_form", None))
         check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:

@@ -144,11 +144,12 @@ class SGD(Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  nesterov: bool = False, weight_decay: float = 0.0, *, wd_mode: str = "l2",
-                 wd_after_update: bool = False, maximize: bool = False,
-                 nonfinite: str = "skip", impl: str = "auto"):
+                 wd_after_update: bool = False, wd_form: str | None = None,
+                 maximize: bool = False, nonfinite: str = "skip", impl: str = "auto"):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=bool(nesterov),
                         weight_decay=weight_decay, wd_mode=wd_mode,
-                        wd_after_update=bool(wd_after_update), maximize=bool(maximize))
+                        wd_after_update=bool(wd_after_update), wd_form=wd_form,
+                        maximize=bool(maximize))
         self._check_group(defaults)
         super().__init__(params, defaults, nonfinite=nonfinite, impl=impl)
 
@@ -160,7 +161,8 @@ class SGD(Optimizer):
             raise ValueError(f"Invalid nesterov=True: Nesterov momentum requires momentum > 0 "
                              f"and dampening == 0 (got momentum={group['momentum']!r}, "
                              f"dampening={group['dampening']!r})")
-        check_weight_decay(group["weight_decay"], group["wd_mode"])
+        check_weight_decay(group["weight_decay"], group["wd_mode"],
+                           group.setdefault("wd_form", None))
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         state = {"step": 0}

@@ -67,7 +67,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._common import WD_MODES
+from ._common import WD_FORMS, WD_MODES
 from ._run import RunLock, atomic_save, atomic_write, environment, json_safe, remove_temp_files
 from .data import TASKS, load_file, load_split
 from .loop import (SCHEDULES, Fit, Position, epoch_batches, length_grouped_batches,
@@ -123,6 +123,7 @@ class TrainConfig:
     lr: float | None = None              # peak learning rate; None: `default_lr`
     weight_decay: float = 0.01           # on weight matrices only (biases, norms: none)
     wd_mode: str | None = None           # any of WD_MODES; None: the optimizer's
+    wd_form: str | None = None           # multiply / add / compensated; None: the optimizer's
     wd_schedule: str = "constant"        # weight-decay multiplier: constant, linear, cosine
     wd_final: float = 1.0                # ... from 1 to this at the end (linear, cosine)
     sam: bool = False                    # wrap the optimizer in SAM (two passes per update)
@@ -187,6 +188,8 @@ class TrainConfig:
         _choice("--fine-tune-mode", c.fine_tune_mode, FINE_TUNE_MODES)
         _choice("--schedule", c.schedule, SCHEDULES)
         _choice("--wd-schedule", c.wd_schedule, WD_SCHEDULES)
+        if c.wd_form is not None:
+            _choice("--wd-form", c.wd_form, WD_FORMS)
         _nonnegative("--wd-final", c.wd_final)
         if c.wd_schedule == "constant" and c.wd_final != 1.0:
             raise ValueError(f"--wd-final {c.wd_final} needs --wd-schedule linear or cosine "
@@ -637,7 +640,8 @@ def _build(cfg, world, rank, device, own_group, say, tqdm) -> _Run:
 
     # ---- optimizer: weight decay on weight matrices only; SAM wraps the same groups
     groups = param_groups_weight_decay(model, cfg.weight_decay)
-    options = {} if cfg.wd_mode is None else {"wd_mode": cfg.wd_mode}
+    options = {k: v for k, v in (("wd_mode", cfg.wd_mode), ("wd_form", cfg.wd_form))
+               if v is not None}
     optimizer = create_optimizer(groups, cfg.optimizer, lr=cfg.lr, scheduled=True,
                                  sam=dict(rho=cfg.rho, adaptive=cfg.asam) if cfg.sam else None,
                                  **options)
@@ -1178,6 +1182,9 @@ def add_arguments(p) -> None:
                    help=f"on weight matrices; biases and LayerNorms never (default "
                         f"{d.weight_decay}); with --wd-mode timescale: tau, in updates")
     g.add_argument("--wd-mode", choices=WD_MODES, default=S, help="default: the optimizer's")
+    g.add_argument("--wd-form", choices=WD_FORMS, default=S,
+                   help="how the shrink is rounded: compensated keeps all of the decay in "
+                        "low precision (default: the optimizer's)")
     g.add_argument("--wd-schedule", choices=WD_SCHEDULES, default=S,
                    help="a weight-decay multiplier over the updates, beside the lr schedule: "
                         "from 1 to --wd-final (default constant)")
