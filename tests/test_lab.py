@@ -15,12 +15,12 @@ import pytest
 
 from optimlab.cli import main
 from optimlab.lab import EXPERIMENTS, LabOptions, run_experiment
-from optimlab.lab import wd_heatmap
+from optimlab.lab import wd_heatmap, wd_transfer
 from optimlab.lab._core import fmt, mean, parse_grid, std
 
 PNGS = {"wd-heatmap": ["heatmaps.png"], "warmup-variance": ["warmup.png"],
         "memory": ["memory.png"], "epsilon": ["drift.png"], "sam-accumulation": ["sam.png"],
-        "compare": ["compare.png"]}
+        "compare": ["compare.png"], "wd-transfer": ["wd-transfer.png"]}
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +231,49 @@ def test_wd_conclusion_follows_the_numbers():
     reverse = wd_heatmap.analyse(cfg, accs({"decoupled": [1, 1, 1], "independent": [0, 1, 2]}))
     text = wd_heatmap.conclude(cfg, reverse)
     assert "not clearly confirmed" in text and "slope 1.00" in text
+
+
+def test_wd_transfer_numbers_are_the_cells(runs, base):
+    """The best c of every point and the slopes in results.json follow from the cells' dev
+    losses (recomputed here), and each parametrization's slope is the best c's plus its
+    offset."""
+    lab, conclusion = runs("wd-transfer")
+    found = cells(base / "wd-transfer")
+    losses = {}
+    for p, r in found:
+        losses.setdefault((p["lr"], p["n_train"], p["width"], p["c"]), []).append(
+            r["dev_loss"])
+    cfg = lab.config
+    summary = json.loads((base / "wd-transfer" / "results.json").read_text())["numbers"]["summary"]
+    for axis in wd_transfer.AXES:
+        for pt in summary[axis]["points"]:
+            p = dict(cfg["base"], **{axis: pt["value"]})
+            curve = [mean(losses[(p["lr"], p["n_train"], p["width"], c)]) for c in cfg["cs"]]
+            assert curve == pytest.approx(pt["losses"], rel=1e-12)
+            accs = [mean(a) for a in ([r["dev_acc"] for p, r in found if
+                     (p["lr"], p["n_train"], p["width"], p["c"]) == (p0["lr"], p0["n_train"],
+                                                                       p0["width"], c)]
+                     for p0 in [dict(cfg["base"], **{axis: pt["value"]})] for c in cfg["cs"])]
+            assert wd_transfer.best_c(cfg["cs"], curve, accs, cfg["chance"])["status"] == \
+                pt["status"]
+        s = summary[axis]
+        if s["c_slope"] is not None:
+            assert s["slopes"]["independent"] == pytest.approx(s["c_slope"])
+            assert s["slopes"]["coupled"] == pytest.approx(
+                s["c_slope"] + wd_transfer.OFFSETS[axis]["coupled"])
+
+
+def test_wd_transfer_finds_the_optimum_between_grid_points():
+    """A dev loss that is a parabola in log10 c with its minimum at c = 2e-3: the refined best
+    c is 2e-3, not the grid's 1e-3; a flat curve and a minimum at the grid's edge have none."""
+    cs = [1e-4, 1e-3, 1e-2, 1e-1]
+    curve = [(math.log10(c) - math.log10(2e-3)) ** 2 + 1.0 for c in cs]
+    got = wd_transfer.best_c(cs, curve)
+    assert got["status"] == "interior" and got["c"] == pytest.approx(2e-3, rel=1e-9)
+    assert wd_transfer.best_c(cs, [1.0, 1.001, 1.002, 1.0])["status"] == "flat"
+    assert wd_transfer.best_c(cs, [1.0, 1.1, 1.2, 1.3])["status"] == "edge"
+    assert wd_transfer.best_c(cs, [float("nan")] * 3 + [1.0])["status"] == "diverged"
+    # a collapsed head (chance accuracy) does not win on loss
+    collapsed = wd_transfer.best_c(cs, [2.0, 1.8, 1.9, 1.6], accs=[0.40, 0.41, 0.40, 0.25],
+                                   chance=0.25)
+    assert collapsed["status"] == "interior" and 1e-4 < collapsed["c"] < 1e-2

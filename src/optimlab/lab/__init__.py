@@ -14,6 +14,7 @@ sentence features are cached next to the reports (``reports/.cache/``), shared b
 ``epsilon``            eps on sqrt(v) (TensorFlow) vs sqrt(v_hat) (PyTorch): drift over steps
 ``sam-accumulation``   SAM with seed 004's naive accumulation vs the correct helper vs AdamW
 ``compare``            every optimizer on SST with its own lr search, several seeds
+``wd-transfer``        the best weight decay across lr, data size and width, in four units
 =====================  ====================================================================
 """
 
@@ -33,6 +34,7 @@ EXPERIMENTS = {
     "epsilon": "epsilon",
     "sam-accumulation": "sam_accumulation",
     "compare": "compare",
+    "wd-transfer": "wd_transfer",
 }
 
 
