@@ -202,7 +202,7 @@ class ShrinkForm(enum.IntEnum):
     """
     MULTIPLY = 0
     ADD = 1
-    COMPENSATED = 3
+    COMPENSATED = 3          # (2 is kept for a form that folds the shrink into the update)
 
 
 @dataclasses.dataclass(frozen=True)
