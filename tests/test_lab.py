@@ -239,22 +239,21 @@ def test_wd_transfer_numbers_are_the_cells(runs, base):
     offset."""
     lab, conclusion = runs("wd-transfer")
     found = cells(base / "wd-transfer")
-    losses = {}
+    losses, accs = {}, {}
     for p, r in found:
-        losses.setdefault((p["lr"], p["n_train"], p["width"], p["c"]), []).append(
-            r["dev_loss"])
+        key = (p["lr"], p["n_train"], p["width"], p["c"])
+        losses.setdefault(key, []).append(r["dev_loss"])
+        accs.setdefault(key, []).append(r["dev_acc"])
     cfg = lab.config
     summary = json.loads((base / "wd-transfer" / "results.json").read_text())["numbers"]["summary"]
     for axis in wd_transfer.AXES:
         for pt in summary[axis]["points"]:
             p = dict(cfg["base"], **{axis: pt["value"]})
-            curve = [mean(losses[(p["lr"], p["n_train"], p["width"], c)]) for c in cfg["cs"]]
+            keys = [(p["lr"], p["n_train"], p["width"], c) for c in cfg["cs"]]
+            curve = [mean(losses[k]) for k in keys]
             assert curve == pytest.approx(pt["losses"], rel=1e-12)
-            accs = [mean(a) for a in ([r["dev_acc"] for p, r in found if
-                     (p["lr"], p["n_train"], p["width"], p["c"]) == (p0["lr"], p0["n_train"],
-                                                                       p0["width"], c)]
-                     for p0 in [dict(cfg["base"], **{axis: pt["value"]})] for c in cfg["cs"])]
-            assert wd_transfer.best_c(cfg["cs"], curve, accs, cfg["chance"])["status"] == \
+            acc = [mean(accs[k]) for k in keys]
+            assert wd_transfer.best_c(cfg["cs"], curve, acc, cfg["chance"])["status"] == \
                 pt["status"]
         s = summary[axis]
         if s["c_slope"] is not None:

@@ -242,8 +242,7 @@ class WeightDecay:
             form = ShrinkForm[group["wd_form"].upper()]
         elif form is None:
             form = ShrinkForm.ADD if after else ShrinkForm.MULTIPLY
-        lam = decay_rate(wd, group["wd_mode"])
-        return cls(lam=lam * m if m != 1 else lam, factor=decay_multiplier(group),
+        return cls(lam=decay_rate(wd, group["wd_mode"]) * m, factor=decay_multiplier(group),
                    after=after, form=form)
 
     # ---- the reference arithmetic: on tensors, and on TensorLists (optimlab._foreach)

@@ -299,6 +299,16 @@ class Optimizer(torch.optim.Optimizer):
         return dataclasses.replace(hp, decay=dataclasses.replace(decay, lam=0.0)), decay
 
     @staticmethod
+    def _around(decay, params, states, run: Callable[[], None]) -> None:
+        """``run()`` (the kernels), with the compensated shrink ``decay`` of `_kernel_decay`
+        (or None) before it, or after it for ``wd_after_update``."""
+        if decay is not None and not decay.after:
+            Optimizer._compensated_shrink(params, states, decay)
+        run()
+        if decay is not None and decay.after:
+            Optimizer._compensated_shrink(params, states, decay)
+
+    @staticmethod
     def _compensated_shrink(params, states, decay) -> None:
         c = decay.factor * decay.lam
         for p, st in zip(params, states):
@@ -308,12 +318,9 @@ class Optimizer(torch.optim.Optimizer):
         """One group's update on plain tensors, on the paths ``impl`` asks for; ``decay``: a
         compensated shrink the shell applies around the kernels (`_kernel_decay`), once every
         path is settled (a refusal writes nothing)."""
-        if decay is not None and not decay.after and self.impl == "reference":
-            self._compensated_shrink(params, states, decay)
         if self.impl == "reference":
-            self._reference(hp, params, grads, states, scalars)
-            if decay is not None and decay.after:
-                self._compensated_shrink(params, states, decay)
+            self._around(decay, params, states,
+                         lambda: self._reference(hp, params, grads, states, scalars))
             return
         # every bucket's path is settled before any bucket runs: impl="fused" refuses before
         # anything is written
@@ -344,19 +351,18 @@ class Optimizer(torch.optim.Optimizer):
                 if path == "foreach" and _gate.shares_memory(*part[:3]):
                     path = "reference"            # the multi-tensor order would differ
             plan.append((path, key, part))
-        if decay is not None and not decay.after:
-            self._compensated_shrink(params, states, decay)
-        for path, key, part in plan:
-            if path == "fused-cpu" and self._run_cpu(key, hp, *part):
-                continue
-            if path == "other":
-                self._run_other(key, hp, *part)
-            elif path == "foreach":
-                self._foreach(hp, *part)
-            else:   # auto on CPU (torch's CPU foreach kernels are per-tensor loops anyway), or
-                self._reference(hp, *part)         # tensors that share memory
-        if decay is not None and decay.after:
-            self._compensated_shrink(params, states, decay)
+
+        def execute() -> None:
+            for path, key, part in plan:
+                if path == "fused-cpu" and self._run_cpu(key, hp, *part):
+                    continue
+                if path == "other":
+                    self._run_other(key, hp, *part)
+                elif path == "foreach":
+                    self._foreach(hp, *part)
+                else:   # auto on CPU (torch's CPU foreach kernels are per-tensor loops anyway),
+                    self._reference(hp, *part)     # or tensors that share memory
+        self._around(decay, params, states, execute)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *,

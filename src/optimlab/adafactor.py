@@ -731,12 +731,8 @@ class Adafactor(Optimizer):
                                "values span shards); use impl='auto'")
         hp, decay = self._kernel_decay(self.Hyper.of(group, params))
         states = self._group_states(group, params)
-        if decay is not None and not decay.after:
-            self._compensated_shrink(params, states, decay)
-        self._reference(hp, params, [p.grad for p in params], states,
-                        self._scalars(hp, params, states))
-        if decay is not None and decay.after:
-            self._compensated_shrink(params, states, decay)
+        self._around(decay, params, states, lambda: self._reference(
+            hp, params, [p.grad for p in params], states, self._scalars(hp, params, states)))
 
     def _foreach(self, hp: AdafactorHyper, params, grads, states, scalars) -> None:
         live = [i for i, p in enumerate(params) if p.numel() > 0]

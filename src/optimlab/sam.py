@@ -485,15 +485,13 @@ def _data_parallel(model: torch.nn.Module) -> _DataParallel | None:
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
         return None
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        group = model.process_group
-        return _DataParallel("ddp", dist.get_world_size(group),
-                             lambda t: dist.all_reduce(t, group=group), model.no_sync)
     from torch.distributed import fsdp
-    if isinstance(model, fsdp.FullyShardedDataParallel):
-        group = model.process_group
-        return _DataParallel("fsdp", dist.get_world_size(group),
-                             lambda t: dist.all_reduce(t, group=group), model.no_sync)
+    for engine, cls in (("ddp", torch.nn.parallel.DistributedDataParallel),
+                        ("fsdp", fsdp.FullyShardedDataParallel)):
+        if isinstance(model, cls):          # both average over their process group
+            group = model.process_group
+            return _DataParallel(engine, dist.get_world_size(group),
+                                 lambda t: dist.all_reduce(t, group=group), model.no_sync)
     if isinstance(model, getattr(fsdp, "FSDPModule", ())):
         groups = [m._get_fsdp_state()._fsdp_param_group for m in model.modules()
                   if isinstance(m, fsdp.FSDPModule)]

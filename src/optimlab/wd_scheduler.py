@@ -31,6 +31,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .loop import lr_multiplier
+
 __all__ = ["WeightDecayScheduler", "LambdaWD", "wd_schedule", "wd_multiplier", "WD_SCHEDULES"]
 
 WD_SCHEDULES = ("constant", "linear", "cosine")
@@ -38,12 +40,12 @@ WD_SCHEDULES = ("constant", "linear", "cosine")
 
 def wd_multiplier(step: int, *, total: int, kind: str = "constant", final: float = 1.0) -> float:
     """m at update ``step`` (0-based) of ``total``: 1 (``constant``), or from 1 to ``final`` at
-    ``total`` along a straight line (``linear``) or half a cosine (``cosine``); ``final`` > 1
-    raises the decay (DINO's 0.04 -> 0.4 is ``final=10``), < 1 lowers it."""
+    ``total`` along a straight line (``linear``) or half a cosine (``cosine``), the shapes of
+    the lr schedule (`optimlab.loop.lr_multiplier`, without warmup); ``final`` > 1 raises the
+    decay (DINO's 0.04 -> 0.4 is ``final=10``), < 1 lowers it."""
     if kind == "constant":
         return 1.0
-    progress = min(1.0, step / max(1, total))
-    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+    shape = lr_multiplier(step, total=total, warmup=0, schedule=kind)
     return final + (1.0 - final) * shape
 
 
