@@ -6,9 +6,10 @@
    decay the weights received, sum(|theta_0| - |theta_T|), as a percentage of the intended
    sum(|theta_0|) (1 - (1 - c)^T), for float32 and bfloat16 weights.
 2. Ordinary steps: AdamW fine-tuning at lr 1e-5 with weight decay 1e-3 (c = 1e-8 per update,
-   torch's decoupled form) on noisy-quadratic gradients; each run in float32 against the same
-   run in float64 (same gradients): the decay applied (the float64 run's decay shrink is the
-   intended one) and how far the weights drift from float64, relative to how far they moved.
+   torch's decoupled form), and at lr 1e-4 with 1e-2 (c = 1e-6), on noisy-quadratic
+   gradients; each run in float32 against the same run in float64 (same gradients): the
+   decay applied (the float64 run's decay shrink is the intended one) and how far the weights
+   drift from float64, relative to how far they moved.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 import optimlab
 
-FORMS = ("multiply", "add", "compensated")
+FORMS = ("multiply", "add", "fold", "compensated")
 
 
 def decay_alone(dtype: torch.dtype, form: str, c: float, n: int, steps: int) -> float:
@@ -34,11 +35,12 @@ def decay_alone(dtype: torch.dtype, form: str, c: float, n: int, steps: int) -> 
     return 100 * ((w0.double().abs() - p.detach().double().abs()).sum() / intended).item()
 
 
-def ordinary(form: str, n: int, steps: int, lr=1e-5, wd=1e-3) -> tuple[float, float]:
-    """(decay applied in %, drift from float64 relative to the movement)."""
+def ordinary(form: str, n: int, steps: int, lr=1e-5, wd=1e-3,
+             low=torch.float32) -> tuple[float, float]:
+    """(decay applied in %, drift from float64 relative to the movement) of a run with
+    weights in ``low``."""
     runs = {}
-    for dtype, wd_ in ((torch.float64, wd), (torch.float32, wd), (torch.float64, 0.0),
-                       (torch.float32, 0.0)):
+    for dtype, wd_ in ((torch.float64, wd), (low, wd), (torch.float64, 0.0), (low, 0.0)):
         g = torch.Generator().manual_seed(0)
         w0 = torch.randn(n, generator=g, dtype=torch.float64)
         p = w0.to(dtype).requires_grad_()
@@ -50,9 +52,9 @@ def ordinary(form: str, n: int, steps: int, lr=1e-5, wd=1e-3) -> tuple[float, fl
         runs[(dtype, wd_)] = p.detach().double()
     # the decay applied: the decayed run against the same run without decay
     want = (runs[(torch.float64, 0.0)].abs() - runs[(torch.float64, wd)].abs()).sum()
-    got = (runs[(torch.float32, 0.0)].abs() - runs[(torch.float32, wd)].abs()).sum()
+    got = (runs[(low, 0.0)].abs() - runs[(low, wd)].abs()).sum()
     moved = (runs[(torch.float64, wd)] - w0).norm()
-    drift = (runs[(torch.float32, wd)] - runs[(torch.float64, wd)]).norm() / moved
+    drift = (runs[(low, wd)] - runs[(torch.float64, wd)]).norm() / moved
     return 100 * (got / want).item(), drift.item()
 
 
@@ -69,14 +71,14 @@ def main(argv=None) -> None:
         for c in cs:
             row = [f"{decay_alone(dtype, f, c, args.n, args.steps):.1f}%" for f in FORMS]
             print(f"| {str(dtype).replace('torch.', '')} | {c:g} | {' | '.join(row)} |")
-    print(f"\n2. AdamW, lr 1e-5, weight decay 1e-3 (c = 1e-8), float32 against float64, "
-          f"{args.steps} updates")
-    print("| wd_form | decay applied | drift from float64 / movement |")
-    print("|---|---:|---:|")
-    for f in FORMS:
-        applied, drift = ordinary(f, args.n, args.steps)
-        print(f"| {f} | {applied:.1f}% | {drift:.2e} |")
-
+    for lr, wd in ((1e-5, 1e-3), (1e-4, 1e-2)):
+        print(f"\n2. AdamW, lr {lr:g}, weight decay {wd:g} (c = {lr * wd:g}), float32 against "
+              f"float64, {args.steps} updates")
+        print("| wd_form | decay applied | drift from float64 / movement |")
+        print("|---|---:|---:|")
+        for f in FORMS:
+            applied, drift = ordinary(f, args.n, args.steps, lr, wd)
+            print(f"| {f} | {applied:.1f}% | {drift:.2e} |")
 
 if __name__ == "__main__":
     main()

@@ -49,7 +49,12 @@ CASES = [
                                                        maximize=True, **k)),
     ("sgd-decoupled-after", lambda p, **k: A.SGD(p, lr=1e-2, momentum=0.5, weight_decay=0.2,
                                                   wd_mode="decoupled", wd_after_update=True, **k)),
+    ("sgd-momentum-fold", lambda p, **k: A.SGD(p, lr=1e-2, momentum=0.9, weight_decay=0.2,
+                                                wd_mode="decoupled", wd_form="fold", **k)),
     ("adagrad", lambda p, **k: A.AdaGrad(p, lr=1e-2, **k)),
+    ("adagrad-fold-after", lambda p, **k: A.AdaGrad(p, lr=1e-2, weight_decay=0.1,
+                                                     wd_mode="decoupled", wd_after_update=True,
+                                                     wd_form="fold", **k)),
     ("adagrad-decay-l2", lambda p, **k: A.AdaGrad(p, lr=1e-2, lr_decay=0.01, weight_decay=0.1,
                                                    initial_accumulator_value=0.1, **k)),
     ("adagrad-decoupled-after-max", lambda p, **k: A.AdaGrad(p, lr=1e-2, weight_decay=0.1,
@@ -60,6 +65,9 @@ CASES = [
     ("rmsprop-centered-momentum-l2", lambda p, **k: A.RMSProp(p, lr=1e-3, momentum=0.9,
                                                                centered=True, weight_decay=0.1,
                                                                **k)),
+    ("rmsprop-momentum-fold-max", lambda p, **k: A.RMSProp(p, lr=1e-3, momentum=0.9,
+                                                            weight_decay=0.1, wd_mode="decoupled",
+                                                            wd_form="fold", maximize=True, **k)),
     ("rmsprop-decoupled-after-max", lambda p, **k: A.RMSProp(p, lr=1e-3, weight_decay=0.1,
                                                               wd_mode="decoupled",
                                                               wd_after_update=True,
@@ -77,12 +85,23 @@ CASES = [
                                                     **k)),
     ("adamw-independent-after", lambda p, **k: A.AdamW(p, lr=1e-2, weight_decay=0.1,
                                                        wd_mode="independent", **k)),
+    ("adamw-fold", lambda p, **k: A.AdamW(p, lr=1e-2, weight_decay=0.1, wd_form="fold", **k)),
+    ("adam-decoupled-fold", lambda p, **k: A.Adam(p, lr=1e-2, weight_decay=0.1,
+                                                  wd_mode="decoupled", wd_form="fold", **k)),
     ("radam", lambda p, **k: A.RAdam(p, lr=1e-2, **k)),
+    ("radam-fold-after", lambda p, **k: A.RAdam(p, lr=1e-2, weight_decay=0.1,
+                                                wd_mode="decoupled", wd_after_update=True,
+                                                wd_form="fold", **k)),
     ("radam-hat-decoupled", lambda p, **k: A.RAdam(p, lr=1e-2, eps_placement="sqrt_v_hat",
                                                    weight_decay=0.1, wd_mode="decoupled", **k)),
     ("radam-rho4-nosgd-max", lambda p, **k: A.RAdam(p, lr=1e-2, rho_threshold=4.0,
                                                     degenerate_to_sgd=False, maximize=True, **k)),
     ("adafactor", lambda p, **k: A.Adafactor(p, **k)),
+    ("adafactor-fold-alpha", lambda p, **k: A.Adafactor(p, beta1=0.9, weight_decay=0.1,
+                                                        decay_scale="alpha", wd_form="fold", **k)),
+    ("adafactor-clamp-fold-after", lambda p, **k: A.Adafactor(
+        p, eps=(None, 1e-3), eps1_placement="clamp", weight_decay=0.1, decay_scale="lr",
+        wd_after_update=True, wd_form="fold", **k)),
     ("adafactor-beta1-wd", lambda p, **k: A.Adafactor(p, beta1=0.9, weight_decay=0.1, **k)),
     ("adafactor-update-alpha-after-max",
      lambda p, **k: A.Adafactor(p, beta1=0.9, momentum_of="update", weight_decay=0.1,
@@ -99,7 +118,8 @@ CASES = [
         warmup_init=True, **k)),
 ]
 IDS = [c[0] for c in CASES]
-ADAM_CASES = [c for c in CASES if c[0].startswith("adam")]
+# torch's fused kernels shrink theta by a multiplication: they refuse wd_form="fold"
+ADAM_CASES = [c for c in CASES if c[0].startswith("adam") and "fold" not in c[0]]
 
 
 def noise_bank(params, seed=1, size=5):
@@ -227,6 +247,21 @@ def test_adam_family_on_torchs_fused_kernels(name, make, dtype, no_cpu_kernels):
     runs = lockstep(make, ("reference", "fused"), dtype=dtype)
     assert runs["fused"][1].last_step_impls == ("torch-fused",)
     assert_same(runs)
+
+
+def test_torchs_fused_kernels_refuse_the_folded_shrink(no_cpu_kernels):
+    """torch's kernels multiply theta by 1 - lr' wd' before the step: they cannot round the
+    shrink and the step as one sum.  impl="fused" says so before writing anything;
+    impl="auto" takes the foreach path, which is the reference bit for bit."""
+    make = dict(CASES)["adamw-fold"]
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    with pytest.raises(RuntimeError, match="cannot fold the shrink.*wd_form='fold'"):
+        make([p], impl="fused").step()
+    assert torch.equal(p.detach(), torch.ones(3))
+    runs = lockstep(make, ("reference", "auto"), steps=5)
+    assert runs["auto"][1].last_step_impls == ("reference",)
+    assert_same(runs, exact=("auto",))
 
 
 def test_without_cpu_kernels_auto_falls_back_and_fused_says_why(no_cpu_kernels):

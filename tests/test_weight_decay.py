@@ -407,23 +407,61 @@ def test_convert_on_the_command_line(capsys):
 COMPENSABLE = {"adafactor": dict(scale_parameter=False)}
 
 
+@pytest.mark.parametrize("form", ["fold", "compensated"])
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("after", [False, True])
 @pytest.mark.parametrize("mode", SHRINKS)
 @pytest.mark.parametrize("name", NAMES)
-def test_compensated_decay_is_the_same_update(name, mode, after, impl):
-    """``wd_form="compensated"`` changes the rounding only: with gradients, in float64, it
-    ends where the default form does (1e-12), on every optimizer, mode, placement and path."""
-    extra = dict(COMPENSABLE.get(name, {}), wd_after_update=after)
+def test_rounding_forms_are_the_same_update(name, mode, after, impl, form):
+    """``wd_form="fold"`` and ``"compensated"`` change the rounding only: with gradients, in
+    float64, they end where the default form does (1e-12), on every optimizer, mode,
+    placement and path (Adafactor's decay scaled by alpha_t included, folded)."""
+    extra = dict(COMPENSABLE.get(name, {}) if form == "compensated" else {},
+                 wd_after_update=after)
     pa, pb = _params(), _params()
-    oa = _make(name, pa, mode, impl, wd_form="compensated", **extra)
+    oa = _make(name, pa, mode, impl, wd_form=form, **extra)
     ob = _make(name, pb, mode, impl, **extra)
     for opt, params in ((oa, pa), (ob, pb)):
         _train(opt, params, len(MULTIPLIERS),
                torch.optim.lr_scheduler.LambdaLR(opt, lambda t: MULTIPLIERS[min(t, 5)]))
     for a, b in zip(pa, pb):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-12)
-    assert all("wd_compensation" in oa.state[p] for p in pa)
+    assert all(("wd_compensation" in oa.state[p]) == (form == "compensated") for p in pa)
+
+
+@pytest.mark.parametrize("after", [False, True])
+@pytest.mark.parametrize("name", ["sgd", "adamw", "adafactor"])
+def test_folded_decay_is_one_rounding_of_its_formula(name, after):
+    """One float32 step, literally: delta is the step without decay (run in float64 from the
+    same state), and the folded form gives theta + (k delta - c theta) rounded once from
+    float64 (k = 1, or 1 - c after the update), to float32 rounding (98% of the weights bit
+    for bit), where the plain forms, at c = 1e-8, give theta + delta."""
+    c = 1e-8
+    g = torch.Generator().manual_seed(0)
+    theta = torch.randn(4000, generator=g).double()          # float32 values
+    grad = torch.randn(4000, generator=g, dtype=torch.float64)
+    kw = dict(wd_after_update=after, **({"decay_scale": "lr", "scale_parameter": False}
+                                        if name == "adafactor" else {}))
+
+    def step(dtype, wd, form=None):
+        p = theta.to(dtype, copy=True).requires_grad_()
+        opt = optimlab.create_optimizer([p], name, lr=1e-3, weight_decay=wd, wd_mode="absolute",
+                                        wd_form=form, **kw)
+        p.grad = grad.to(dtype)
+        opt.step()
+        return p.detach()
+    delta = step(torch.float64, 0.0) - theta
+    k = 1 - c if after else 1.0
+    want = (theta + (k * delta - c * theta)).to(torch.float32)
+    got = step(torch.float32, c, "fold")
+    # one ulp of the result, plus the float32 rounding of delta itself (where theta + delta
+    # cancels, that is more than an ulp of the result)
+    bound = torch.finfo(torch.float32).eps * (want.double().abs() + delta.abs())
+    assert ((got.double() - want.double()).abs() <= bound).all()
+    assert (got != want).float().mean() < 0.02
+    plain = step(torch.float32, c, "add")
+    assert torch.equal(plain, step(torch.float32, 0.0))       # the decay vanished
+    assert not torch.equal(got, plain)
 
 
 def _decay_applied(dtype, form, c, name="adamw", steps=1000, impl="auto"):

@@ -45,6 +45,10 @@
   torch, Composer), unless ``wd_after_update=True``, which shrinks the already-updated weights
   (the CS224N AdamW): theta <- (1 - eta_t * lambda) * (theta - step).
 
+  ``wd_form`` says how that shrink is rounded (`ShrinkForm`): ``"multiply"`` (torch),
+  ``"add"`` (CS224N), ``"fold"`` (into the step, one rounding: optax) or ``"compensated"``
+  (Kahan); None, the default, is torch's form before the update and CS224N's after it.
+
   `WeightDecay.of` turns a group's options into one object, the only place that knows what
   the modes mean; every kernel (reference, foreach, the C++ ones, torch's fused Adam) takes
   that object, and its fields are the C struct's, one for one.
@@ -76,8 +80,10 @@ from typing import Any
 
 import torch
 
+from ._foreach import zeros_like
+
 WD_MODES = ("l2", "decoupled", "independent", "lr_squared", "absolute", "timescale")
-WD_FORMS = ("multiply", "add", "compensated")
+WD_FORMS = ("multiply", "add", "fold", "compensated")
 EPS_PLACEMENTS = ("sqrt_v_hat", "sqrt_v")
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
 IMPLS = ("auto", "reference", "foreach", "fused")
@@ -194,6 +200,13 @@ class ShrinkForm(enum.IntEnum):
       ``p.add_(p, alpha=-lr * wd)``): the product is exact-ish, but the sum rounds to the
       weights' grid, so a shrink under half an ulp of theta (c < 6e-8 in float32, 4e-3 in
       bfloat16) vanishes.
+    * ``FOLD``: the shrink joins the update, theta' = theta + (k delta - c theta) with delta the
+      optimizer's step (k = 1, or 1 - c for ``wd_after_update``: (1 - c)(theta + delta)),
+      rounded onto theta's grid once (optax's ``add_decayed_weights`` before ``apply_updates``,
+      Loshchilov & Hutter's Algorithm 2 line 12 as written).  The bracket is computed in float32
+      at least.  A decay under half an ulp survives wherever the step moves theta across a
+      rounding boundary, and is lost where the step is zero: it helps ordinary training, not a
+      weight that no gradient reaches.
     * ``COMPENSATED``: the sum is compensated (Kahan): e, a buffer of the rounding errors so far
       (state ``wd_compensation``, in the weights' dtype), joins the shrink, y = -c theta + e,
       theta' = theta + y rounded, e' = y - (theta' - theta); no decay is lost to rounding,
@@ -202,7 +215,8 @@ class ShrinkForm(enum.IntEnum):
     """
     MULTIPLY = 0
     ADD = 1
-    COMPENSATED = 3          # (2 is kept for a form that folds the shrink into the update)
+    FOLD = 2
+    COMPENSATED = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,15 +276,46 @@ class WeightDecay:
         else:
             p.add_(p, alpha=-c)
 
-    def before(self, p) -> None:
+    def before(self, p, coef: float | None = None) -> None:
         """The shrink of theta_{t-1}, where it comes before the update."""
         if self.lam != 0 and not self.after:
-            self.shrink(p)
+            self.shrink(p, coef)
 
-    def after_update(self, p) -> None:
+    def after_update(self, p, coef: float | None = None) -> None:
         """The shrink of the updated weights (``wd_after_update``)."""
         if self.lam != 0 and self.after:
-            self.shrink(p)
+            self.shrink(p, coef)
+
+    @property
+    def folds(self) -> bool:
+        """True when the shrink is folded into the update (``FOLD``)."""
+        return self.lam != 0 and self.form == ShrinkForm.FOLD
+
+    def begin(self, p, coef: float | None = None):
+        """Where a kernel adds its step delta: theta itself, shrunk first where the shrink
+        comes before the update; or, where the shrink folds into it, a new zero buffer (in
+        float32 at least) that receives delta and that `end` adds to theta.  Every kernel ends
+
+            q = decay.begin(p); q.add_(delta ...); decay.end(p, q)
+
+        ``coef``: c where it is not ``factor * lam`` (Adafactor's alpha_t lambda)."""
+        if not self.folds:
+            self.before(p, coef)
+            return p
+        return zeros_like(p, torch.float32 if p.dtype in (torch.bfloat16, torch.float16)
+                          else p.dtype)
+
+    def end(self, p, q, coef: float | None = None) -> None:
+        """theta after the step: the shrink of the updated weights (``wd_after_update``), or,
+        folded, theta <- theta + (k q - c theta) with k = 1 (1 - c after the update), one
+        rounding onto theta's grid."""
+        if not self.folds:
+            self.after_update(p, coef)
+            return
+        c = self.factor * self.lam if coef is None else coef
+        if self.after:
+            q.mul_(1 - c)
+        p.add_(q.add_(p, alpha=-c))
 
 
 NO_DECAY = WeightDecay()

@@ -24,7 +24,7 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["TensorList", "maximum_"]
+__all__ = ["TensorList", "maximum_", "zeros_like"]
 
 
 def _other(x):
@@ -151,3 +151,10 @@ def maximum_(a, b):
     else:
         torch.maximum(a, b, out=a)
     return a
+
+
+def zeros_like(x, dtype: torch.dtype):
+    """Zeros of ``x``'s shape (each tensor's, for a list) in ``dtype``."""
+    if isinstance(x, TensorList):
+        return TensorList(torch.zeros_like(t, dtype=dtype) for t in x.ts)
+    return torch.zeros_like(x, dtype=dtype)

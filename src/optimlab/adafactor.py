@@ -317,16 +317,10 @@ def _adafactor_tensor(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor | 
     else:
         alpha = max(eps2, red.norm(p).item() / (n ** 0.5)) * rho
 
-    def shrink() -> None:
-        if hp.decay.lam == 0:
-            return
-        if hp.decay_by_alpha:                          # X - alpha_t * lambda * X
-            hp.decay.shrink(p, hp.decay.lam * alpha)
-        else:                                          # X * (1 - f * lambda)
-            hp.decay.shrink(p)
-
-    if not hp.decay.after:
-        shrink()
+    # the shrink: X - alpha_t lambda X (decay_scale "alpha"), else X - f lambda X; q: where
+    # the step goes (X itself, or the folded shrink's buffer)
+    coef = hp.decay.lam * alpha if hp.decay_by_alpha else None
+    q = hp.decay.begin(p, coef)
 
     # U_t = G_t / sqrt(V^_t)
     if fairseq:
@@ -359,26 +353,25 @@ def _adafactor_tensor(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor | 
     if fairseq:
         u.div_((red.norm(u) / (n ** 0.5) / clip_threshold).clamp_(min=1.0))     # U^_t
         if beta1 is None:
-            p.sub_(u.mul_(alpha))
+            q.sub_(u.mul_(alpha))
         elif hp.momentum == 1:                         # of the scaled update
             exp_avg.mul_(beta1).add_(u.mul_(alpha), alpha=1.0 - beta1)
-            p.sub_(exp_avg)
+            q.sub_(exp_avg)
         else:
             exp_avg.mul_(beta1).add_(u, alpha=1.0 - beta1)
-            p.sub_(exp_avg * alpha)
+            q.sub_(exp_avg * alpha)
     else:
         clip = max(1.0, red.norm(u).item() / ((n ** 0.5) * clip_threshold))
         if beta1 is None:
-            p.add_(u, alpha=-alpha / clip)
+            q.add_(u, alpha=-alpha / clip)
         elif hp.momentum == 1:
             exp_avg.mul_(beta1).add_(u, alpha=(1.0 - beta1) * alpha / clip)
-            p.sub_(exp_avg)
+            q.sub_(exp_avg)
         else:
             exp_avg.mul_(beta1).add_(u, alpha=(1.0 - beta1) / clip)
-            p.add_(exp_avg, alpha=-alpha)
+            q.add_(exp_avg, alpha=-alpha)
 
-    if hp.decay.after:
-        shrink()
+    hp.decay.end(p, q, coef)
 
 
 def adafactor_update_foreach(ps: list[torch.Tensor], gs: list[torch.Tensor],
@@ -407,17 +400,12 @@ def adafactor_update_foreach(ps: list[torch.Tensor], gs: list[torch.Tensor],
         norms = torch.stack(torch._foreach_norm(ps, 2)).tolist()
         alphas = [max(eps2, norms[i] / (ns[i] ** 0.5)) * rhos[i] for i in k]
 
-    def shrink() -> None:
-        if hp.decay.lam == 0:
-            return
-        if hp.decay_by_alpha:
-            for p, a in zip(ps, alphas):
-                hp.decay.shrink(p, hp.decay.lam * a)
-        else:
-            hp.decay.shrink(TensorList(ps))
-
-    if not hp.decay.after:
-        shrink()
+    # the shrink, per tensor where it scales with alpha_t; qs: where the steps go
+    coefs = [hp.decay.lam * a for a in alphas] if hp.decay_by_alpha else None
+    if coefs is not None:
+        qs = [hp.decay.begin(p, c) for p, c in zip(ps, coefs)]
+    else:
+        qs = hp.decay.begin(TensorList(ps)).ts
 
     us: list[torch.Tensor] = [None] * len(ps)        # type: ignore[list-item]
     if fairseq:
@@ -439,18 +427,18 @@ def adafactor_update_foreach(ps: list[torch.Tensor], gs: list[torch.Tensor],
                                  for i in k])
         if beta1 is None:
             for i in k:
-                ps[i].sub_(us[i].mul_(alphas[i]))
+                qs[i].sub_(us[i].mul_(alphas[i]))
         elif hp.momentum == 1:
             for i in k:
                 us[i].mul_(alphas[i])
             torch._foreach_mul_(exp_avgs, beta1)
             torch._foreach_add_(exp_avgs, us, alpha=1.0 - beta1)
-            torch._foreach_sub_(ps, exp_avgs)
+            torch._foreach_sub_(qs, exp_avgs)
         else:
             torch._foreach_mul_(exp_avgs, beta1)
             torch._foreach_add_(exp_avgs, us, alpha=1.0 - beta1)
             for i in k:
-                ps[i].sub_(exp_avgs[i] * alphas[i])
+                qs[i].sub_(exp_avgs[i] * alphas[i])
     else:
         for i in k:
             weight = steps[i].decay_weight
@@ -474,20 +462,23 @@ def adafactor_update_foreach(ps: list[torch.Tensor], gs: list[torch.Tensor],
         # per-tensor step sizes: one fused multiply-add per tensor, as the reference
         if beta1 is None:
             for i in k:
-                ps[i].add_(us[i], alpha=-alphas[i] / clips[i])
+                qs[i].add_(us[i], alpha=-alphas[i] / clips[i])
         elif hp.momentum == 1:
             torch._foreach_mul_(exp_avgs, beta1)
             for i in k:
                 exp_avgs[i].add_(us[i], alpha=(1.0 - beta1) * alphas[i] / clips[i])
-            torch._foreach_sub_(ps, exp_avgs)
+            torch._foreach_sub_(qs, exp_avgs)
         else:
             torch._foreach_mul_(exp_avgs, beta1)
             for i in k:
                 exp_avgs[i].add_(us[i], alpha=(1.0 - beta1) / clips[i])
-                ps[i].add_(exp_avgs[i], alpha=-alphas[i])
+                qs[i].add_(exp_avgs[i], alpha=-alphas[i])
 
-    if hp.decay.after:
-        shrink()
+    if coefs is not None:
+        for p, q, c in zip(ps, qs, coefs):
+            hp.decay.end(p, q, c)
+    else:
+        hp.decay.end(TensorList(ps), TensorList(qs))
 
 
 _F32, _F64 = torch.float32, torch.float64

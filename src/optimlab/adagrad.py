@@ -72,12 +72,12 @@ def adagrad_update(p, g, state: dict, hp: AdaGradHyper, s: AdaGradStep) -> None:
     reference kernel (on `optimlab._foreach.TensorList` s, the multi-tensor one).  ``state``
     holds ``sum`` (s_t)."""
     g = hp.decay.grad(p, signed(g, hp.maximize))            # g (+ lambda theta for L2)
-    hp.decay.before(p)                                      # decoupled decay of theta_{t-1}
     state_sum = state["sum"]
     state_sum.addcmul_(g, g, value=1)                       # s_t = s_{t-1} + g_t^2
     std = state_sum.sqrt().add_(hp.eps)                     # sqrt(s_t) + delta
-    p.addcdiv_(g, std, value=-s.eta_t)                      # theta_t
-    hp.decay.after_update(p)                                # decay of the updated weights
+    q = hp.decay.begin(p)                                   # theta_{t-1}, decoupled decay
+    q.addcdiv_(g, std, value=-s.eta_t)                      # theta_t
+    hp.decay.end(p, q)                                      # decay of the updated weights
 
 
 _F32, _F64 = torch.float32, torch.float64

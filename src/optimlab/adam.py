@@ -112,7 +112,6 @@ def adam_update(p, g, state: dict, hp: AdamHyper, s: AdamStep) -> None:
     unrounded values; moments in a wider dtype (fp32 state of bf16 weights) are computed in
     their own dtype: the gradient is brought to it."""
     g = hp.decay.grad(p, signed(g, hp.maximize))            # g (+ lambda theta for L2)
-    hp.decay.before(p)                                      # decoupled decay of theta_{t-1}
     stored = [state["exp_avg"], state["exp_avg_sq"]]
     if hp.amsgrad and "max_exp_avg_sq" in state:
         stored.append(state["max_exp_avg_sq"])
@@ -133,8 +132,9 @@ def adam_update(p, g, state: dict, hp: AdamHyper, s: AdamStep) -> None:
         denom = (v.sqrt() / s.sqrt_c2).add_(hp.eps)
     else:                                                   # alpha_t m / (sqrt(v) + eps)
         denom = v.sqrt().add_(hp.eps)
-    p.addcdiv_(m, denom, value=-s.alpha_t)                  # theta_t
-    hp.decay.after_update(p)                                # decay of the updated weights
+    q = hp.decay.begin(p)                                   # theta_{t-1}, decoupled decay
+    q.addcdiv_(m, denom, value=-s.alpha_t)                  # theta_t
+    hp.decay.end(p, q)                                      # decay of the updated weights
 
 
 def torch_fused_adam_scalars(hp: AdamHyper, step: int) -> tuple[bool, float, float, float]:
@@ -170,6 +170,9 @@ def torch_fused_adam_scalars(hp: AdamHyper, step: int) -> tuple[bool, float, flo
         eps_k = hp.eps / c2 ** 0.5
     if d.lam == 0:
         return False, lr_k, eps_k, d.l2
+    if d.form == ShrinkForm.FOLD:
+        raise ValueError("torch's fused kernels cannot fold the shrink into the update "
+                         "(wd_form='fold'): they multiply theta by 1 - lr' wd' first")
     if lr_k == 0:
         if f_wd != 0:
             raise ValueError("torch's fused kernels cannot decay the weights with lr' = 0")

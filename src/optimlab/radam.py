@@ -127,21 +127,21 @@ def radam_update(p, g, state: dict, hp: RAdamHyper, s: RAdamStep) -> None:
     ``state`` holds ``exp_avg`` (m) and ``exp_avg_sq`` (v); the moments are computed in the
     state's dtype (fp32 state of bf16 parameters stays fp32)."""
     g = hp.decay.grad(p, signed(g, hp.maximize))            # g (+ lambda theta for L2)
-    hp.decay.before(p)                                      # decoupled decay of theta_{t-1}
     m, v = state["exp_avg"], state["exp_avg_sq"]
     g = g.to(m.dtype)                                       # no-op when dtypes agree
     m.lerp_(g, 1 - hp.beta1)                                # m_t
     v.mul_(hp.beta2).addcmul_(g, g, value=1 - hp.beta2)     # v_t
     m_hat = m / s.c1                                        # m^_t
+    q = hp.decay.begin(p)                                   # theta_{t-1}, decoupled decay
     if s.branch == RECTIFIED:
         if hp.eps_on_v_hat:                                 # 1 / (sqrt(v^) + eps)
             l_t = (v.sqrt() / s.sqrt_c2).add_(hp.eps).reciprocal_()
         else:                                               # sqrt(1-beta2^t) / (sqrt(v)+eps)
             l_t = s.sqrt_c2 / v.sqrt().add_(hp.eps)
-        p.add_(m_hat * hp.lr * l_t * s.r_t, alpha=-1.0)     # theta -= alpha r m^ l
+        q.add_(m_hat * hp.lr * l_t * s.r_t, alpha=-1.0)     # theta -= alpha r m^ l
     elif s.branch == UNADAPTED:
-        p.add_(m_hat * hp.lr, alpha=-1.0)                   # theta -= alpha m^
-    hp.decay.after_update(p)                                # decay of the updated weights
+        q.add_(m_hat * hp.lr, alpha=-1.0)                   # theta -= alpha m^
+    hp.decay.end(p, q)                                      # decay of the updated weights
 
 
 _F32, _F64 = torch.float32, torch.float64

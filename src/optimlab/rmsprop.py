@@ -83,7 +83,6 @@ def rmsprop_update(p, g, state: dict, hp: RMSPropHyper, s: RMSPropStep) -> None:
     (b_t) when momentum > 0.  The averages are computed in the state's dtype (fp32 state of
     bf16 parameters stays fp32)."""
     g = hp.decay.grad(p, signed(g, hp.maximize))            # g (+ lambda theta for L2)
-    hp.decay.before(p)                                      # decoupled decay of theta_{t-1}
     square_avg = state["square_avg"]
     g = g.to(square_avg.dtype)                              # no-op when dtypes agree
     square_avg.mul_(hp.alpha).addcmul_(g, g, value=1 - hp.alpha)    # v_t
@@ -94,13 +93,14 @@ def rmsprop_update(p, g, state: dict, hp: RMSPropHyper, s: RMSPropStep) -> None:
     else:
         avg = square_avg.sqrt()                                     # sqrt(v_t)
     avg = avg.add_(hp.eps)                                          # d_t
+    q = hp.decay.begin(p)                                   # theta_{t-1}, decoupled decay
     if hp.momentum > 0:
         buf = state["momentum_buffer"]
         buf.mul_(hp.momentum).addcdiv_(g, avg)              # b_t = mu b_{t-1} + g_t / d_t
-        p.add_(buf, alpha=-hp.lr)
+        q.add_(buf, alpha=-hp.lr)
     else:
-        p.addcdiv_(g, avg, value=-hp.lr)
-    hp.decay.after_update(p)                                # decay of the updated weights
+        q.addcdiv_(g, avg, value=-hp.lr)
+    hp.decay.end(p, q)                                      # decay of the updated weights
 
 
 _F32, _F64 = torch.float32, torch.float64

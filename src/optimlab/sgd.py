@@ -87,7 +87,6 @@ def sgd_update(p, g, state: dict, hp: SGDHyper, s: SGDStep) -> None:
     kernel (on `optimlab._foreach.TensorList` s, the multi-tensor one).  ``state`` holds the
     ``momentum_buffer`` when momentum > 0."""
     g = hp.decay.grad(p, signed(g, hp.maximize))            # g (+ lambda theta for L2)
-    hp.decay.before(p)                                      # decoupled decay of theta_{t-1}
     if hp.momentum != 0:
         buf = state["momentum_buffer"]
         if s.first:
@@ -95,8 +94,9 @@ def sgd_update(p, g, state: dict, hp: SGDHyper, s: SGDStep) -> None:
         else:
             buf.mul_(hp.momentum).add_(g, alpha=1 - hp.dampening)   # b_t = mu b + (1-tau) g
         g = g.add(buf, alpha=hp.momentum) if hp.nesterov else buf   # d_t
-    p.add_(g, alpha=-hp.lr)                                 # theta_t = theta_{t-1} - eta d_t
-    hp.decay.after_update(p)                                # decay of the updated weights
+    q = hp.decay.begin(p)                                   # theta_{t-1}, decoupled decay
+    q.add_(g, alpha=-hp.lr)                                 # theta_t = theta_{t-1} - eta d_t
+    hp.decay.end(p, q)                                      # decay of the updated weights
 
 
 _F32, _F64 = torch.float32, torch.float64

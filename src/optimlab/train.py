@@ -123,7 +123,7 @@ class TrainConfig:
     lr: float | None = None              # peak learning rate; None: `default_lr`
     weight_decay: float = 0.01           # on weight matrices only (biases, norms: none)
     wd_mode: str | None = None           # any of WD_MODES; None: the optimizer's
-    wd_form: str | None = None           # multiply / add / compensated; None: the optimizer's
+    wd_form: str | None = None           # multiply/add/fold/compensated; None: the optimizer's
     wd_schedule: str = "constant"        # weight-decay multiplier: constant, linear, cosine
     wd_final: float = 1.0                # ... from 1 to this at the end (linear, cosine)
     sam: bool = False                    # wrap the optimizer in SAM (two passes per update)
@@ -1183,8 +1183,8 @@ def add_arguments(p) -> None:
                         f"{d.weight_decay}); with --wd-mode timescale: tau, in updates")
     g.add_argument("--wd-mode", choices=WD_MODES, default=S, help="default: the optimizer's")
     g.add_argument("--wd-form", choices=WD_FORMS, default=S,
-                   help="how the shrink is rounded: compensated keeps all of the decay in "
-                        "low precision (default: the optimizer's)")
+                   help="how the shrink is rounded: fold (into the step) and compensated "
+                        "keep the decay in low precision (default: the optimizer's)")
     g.add_argument("--wd-schedule", choices=WD_SCHEDULES, default=S,
                    help="a weight-decay multiplier over the updates, beside the lr schedule: "
                         "from 1 to --wd-final (default constant)")

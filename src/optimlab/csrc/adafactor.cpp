@@ -48,7 +48,7 @@ template <typename T>
 struct Adafactor {
   // hyper-parameters (AdafactorHyper) and what they make of the decay
   double eps1, eps2, clip, beta1, lam, factor;
-  bool after, add_form, scale, grad_sq, of_update, has_beta1, by_alpha;
+  bool after, add_form, fold_form, scale, grad_sq, of_update, has_beta1, by_alpha;
   int has_l2;
   T sign, l2;              // g <- sign g (+ l2 theta)
 
@@ -66,6 +66,8 @@ struct Adafactor {
     T one_minus_b1;        // 1 - beta1 rounded once from double, as torch rounds alpha=
     T pre_mul, pre_add, post_mul, post_add;   // theta*mul or fma(add, theta, theta)
     int pre_is_add, post_is_add;              // ... before/after the step (int: see has_l2)
+    T fold_coef, fold_k;                      // folded: theta + fma(-c, theta, k delta)
+    T fold;                                   // 1 or 0
     bool factorized;       // U = (r_i c_j) G  (always with grad_sq; clamp where it cannot bind)
   };
 
@@ -195,14 +197,25 @@ struct Adafactor {
     }
     sc.alpha_t = T(sc.alpha);
     // the shrink theta - c theta with c = f lambda, or alpha_t lambda (decay_scale "alpha"),
-    // rounded as its form says: theta * (1 - c), or fma(-c, theta, theta)
+    // rounded as its form says: theta * (1 - c), fma(-c, theta, theta), or folded into the
+    // step, theta + fma(-c, theta, k delta) with k = 1 (1 - c after the step)
     T mul = T(1), add = T(0);
+    sc.fold = lam != 0 && fold_form ? T(1) : T(0);
+    sc.fold_coef = T(0);
+    sc.fold_k = T(1);
     if (lam != 0) {
       const double c = by_alpha ? lam * sc.alpha : factor * lam;
-      if (add_form) add = T(-c);
-      else mul = T(1 - c);
+      if (fold_form) {
+        sc.fold_coef = T(-c);
+        sc.fold_k = after ? T(1 - c) : T(1);
+      } else if (add_form) {
+        add = T(-c);
+      } else {
+        mul = T(1 - c);
+      }
     }
-    sc.pre_mul = after ? T(1) : mul;
+    // (folded, the step starts from q = theta * 0: see Decay in optimlab.h)
+    sc.pre_mul = sc.fold != T(0) ? T(0) : after ? T(1) : mul;
     sc.pre_add = after ? T(0) : add;
     sc.post_mul = after ? mul : T(1);
     sc.post_add = after ? add : T(0);
@@ -339,9 +352,10 @@ struct Adafactor {
   // MOM: 0 no first moment, 1 of the scaled update, 2 of the update
   // DIV = false: clip_div is 1 (the clipping does not bind), and u / 1 = u exactly
   template <bool GS, int MOM, bool DIV = true>
-  static inline T apply(T pi, T u, T* __restrict ea, int64_t j, const Scal& sc) {
-    T pa = fma(sc.pre_add, pi, pi), pm = pi * sc.pre_mul;
-    pi = sc.pre_is_add != 0 ? pa : pm;
+  static inline T apply(T p0, T u, T* __restrict ea, int64_t j, const Scal& sc) {
+    // pi: where the step goes (decay.begin in _common.py)
+    T pa = fma(sc.pre_add, p0, p0), pm = p0 * sc.pre_mul;
+    T pi = sc.pre_is_add != 0 ? pa : pm;
     if (GS) {
       if (DIV) u = u / sc.clip_div;
       if (MOM == 0) {
@@ -368,8 +382,9 @@ struct Adafactor {
         pi = fma(sc.k_step, e, pi);
       }
     }
-    T qa = fma(sc.post_add, pi, pi), qm = pi * sc.post_mul;
-    return sc.post_is_add != 0 ? qa : qm;
+    T qa = fma(sc.post_add, pi, pi), qm = pi * sc.post_mul, qb = sc.post_is_add != 0 ? qa : qm;
+    T f = p0 + fma(sc.fold_coef, p0, sc.fold_k * pi);
+    return sc.fold != T(0) ? f : qb;
   }
 
   // ---- pass 3: the update
@@ -452,7 +467,8 @@ void adafactor_init(Adafactor<T>& a, const AdafactorHyper& hp) {
   a.of_update = hp.momentum == 2;
   a.scale = hp.scale_parameter != 0; a.grad_sq = hp.grad_sq != 0;
   a.lam = hp.decay.lam; a.factor = hp.decay.factor; a.after = hp.decay.after != 0;
-  a.add_form = hp.decay.form == 1; a.by_alpha = hp.decay_by_alpha != 0;
+  a.add_form = hp.decay.form == 1; a.fold_form = hp.decay.form == 2;
+  a.by_alpha = hp.decay_by_alpha != 0;
   a.has_l2 = hp.decay.l2 != 0;
   a.sign = hp.maximize ? T(-1) : T(1);
   a.l2 = T(hp.decay.l2);

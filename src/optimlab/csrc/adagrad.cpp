@@ -12,11 +12,11 @@ void adagrad_range(T* __restrict p, const T* __restrict g, T* __restrict sum, in
   for (int64_t i = 0; i < n; i++) {
     T pi = p[i];
     T gi = dc.grad(g[i], pi);
-    pi = dc.before(pi);
     T si = fma(gi, gi, sum[i]);                                // sum.addcmul_(g, g)
     sum[i] = si;
-    pi = pi + neg_eta * gi / (std::sqrt(si) + eps);            // p.addcdiv_(g, std, -eta_t)
-    p[i] = dc.after(pi);
+    T q = dc.begin(pi);
+    q = q + neg_eta * gi / (std::sqrt(si) + eps);              // q.addcdiv_(g, std, -eta_t)
+    p[i] = dc.end(pi, q);
   }
 }
 

@@ -16,7 +16,6 @@ void adam_range(T* __restrict p, const T* __restrict g, S* __restrict m, S* __re
   for (int64_t i = 0; i < n; i++) {
     T pi = p[i];
     T gi = dc.grad(g[i], pi);
-    pi = dc.before(pi);
     T mi = lerp_<SMALL>(Mem<S, T>::ld(m, i), gi, w1);            // m.lerp_(g, 1 - beta1)
     T vi = fma(c2 * gi, gi, Mem<S, T>::ld(v, i) * b2);           // v.mul_(b2).addcmul_(g, g, 1-b2)
     Mem<S, T>::st(m, i, mi);
@@ -26,8 +25,9 @@ void adam_range(T* __restrict p, const T* __restrict g, S* __restrict m, S* __re
       Mem<S, T>::st(vm, i, vi);
     }
     T d = HAT ? std::sqrt(vi) / sqrt_c2 + eps : std::sqrt(vi) + eps;
-    pi = pi + neg_alpha * mi / d;                                // p.addcdiv_(m, d, -alpha_t)
-    p[i] = dc.after(pi);
+    T q = dc.begin(pi);
+    q = q + neg_alpha * mi / d;                                  // q.addcdiv_(m, d, -alpha_t)
+    p[i] = dc.end(pi, q);
   }
 }
 

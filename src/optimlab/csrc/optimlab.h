@@ -216,23 +216,34 @@ bool finite_bits(const U* x, int64_t n) {
 //   g     <- sign g (+ l2 theta)                          (an L2 term)
 //   theta <- theta * pre_mul    or  fma(-f lambda, theta, theta)   before the update
 //   theta <- theta * post_mul   or  fma(-f lambda, theta, theta)   after it
-// (ShrinkForm MULTIPLY or ADD; the multipliers are 1 where nothing is shrunk).  Each option is
-// a select between the plain and the decayed value, both computed: an option that is off
-// changes nothing, not even an infinite weight (fma(0, inf, g) is NaN, and is dropped).  The
-// selects are loop-invariant; GCC vectorizes them as blends, and the kernels are memory-bound,
-// so they cost nothing measurable (an AdamW step with decay of the updated weights runs as fast
-// as Adam's: the README's Performance section).
+//   theta <- theta + fma(-f lambda, theta, k delta)                  folded into the update
+// (ShrinkForm MULTIPLY, ADD or FOLD; the multipliers are 1 where nothing is shrunk, and the
+// folded form starts from q = theta * 0: 0, or NaN where theta is not finite, as the
+// reference's theta + (k q - c theta) is there).  Every
+// kernel writes its last statements as `decay.begin/end` in _common.py:
+//   T q = dc.begin(pi);  q = q + delta;  p[i] = dc.end(pi, q);
+// Each option is a select between the plain and the decayed value, both computed: an option
+// that is off changes nothing, not even an infinite weight (fma(0, inf, g) is NaN, and is
+// dropped).  The selects are loop-invariant; GCC vectorizes them as blends, and the kernels
+// are memory-bound, so they cost nothing measurable (an AdamW step with decay of the updated
+// weights runs as fast as Adam's: the README's Performance section).
 template <typename T> struct Decay {
-  T sign, l2, pre_mul, post_mul, coef;
-  int has_l2, pre_add, post_add;   // int, not bool: GCC does not vectorize a select on a bool
+  T sign, l2, pre_mul, post_mul, coef, fold_k;
+  // int, not bool: GCC does not vectorize a select on a bool
+  int has_l2, pre_add, post_add, fold;
   Decay(int64_t maximize, const WeightDecay& d)
       : sign(maximize ? T(-1) : T(1)), l2(T(d.l2)), pre_mul(T(1)), post_mul(T(1)), coef(T(0)),
-        has_l2(d.l2 != 0), pre_add(0), post_add(0) {
+        fold_k(T(1)), has_l2(d.l2 != 0), pre_add(0), post_add(0), fold(0) {
     const double c = d.factor * d.lam;
     if (d.lam != 0) {
       if (d.form == 1) {                         // ShrinkForm.ADD: p.add_(p, alpha=-c)
         (d.after ? post_add : pre_add) = 1;
         coef = T(-c);
+      } else if (d.form == 2) {                  // ShrinkForm.FOLD: p.add_(k q - c p)
+        fold = 1;                                // (begin: q = theta * 0)
+        pre_mul = T(0);
+        coef = T(-c);
+        fold_k = d.after ? T(1 - c) : T(1);
       } else {                                   // ShrinkForm.MULTIPLY: p.mul_(1 - c)
         (d.after ? post_mul : pre_mul) = T(1 - c);
       }
@@ -242,13 +253,18 @@ template <typename T> struct Decay {
     T sg = sign * g, with = fma(l2, p, sg);
     return has_l2 != 0 ? with : sg;
   }
-  inline T before(T p) const {
+  // where the step delta goes: theta (shrunk first, before the update), or 0 (folded:
+  // pre_mul is 0; a select of the constant 0 here stops GCC vectorizing the loops)
+  inline T begin(T p) const {
     T a = fma(coef, p, p), m = p * pre_mul;
     return pre_add != 0 ? a : m;
   }
-  inline T after(T p) const {
-    T a = fma(coef, p, p), m = p * post_mul;
-    return post_add != 0 ? a : m;
+  // theta after the step, q = begin(theta) + delta: q shrunk (after the update), or
+  // theta + (k q - c theta)
+  inline T end(T p, T q) const {
+    T a = fma(coef, q, q), m = q * post_mul, b = post_add != 0 ? a : m;
+    T f = p + fma(coef, p, fold_k * q);
+    return fold != 0 ? f : b;
   }
 };
 

@@ -17,20 +17,20 @@ void radam_range(T* __restrict p, const T* __restrict g, T* __restrict m, T* __r
   for (int64_t i = 0; i < n; i++) {
     T pi = p[i];
     T gi = dc.grad(g[i], pi);
-    pi = dc.before(pi);
     T mi = lerp_<SMALL>(m[i], gi, w1);                       // m.lerp_(g, 1 - beta1)
     T vi = fma(c2 * gi, gi, v[i] * b2);                      // v.mul_(b2).addcmul_(g, g, 1-b2)
     m[i] = mi;
     v[i] = vi;
     T mh = mi / c1;                                          // m^_t
+    T q = dc.begin(pi);
     if (BR == 2) {
       T root = std::sqrt(vi);
       T l = HAT ? T(1) / (root / sqrt_c2 + eps) : (T(1) / (root + eps)) * sqrt_c2;
-      pi = pi - mh * lr * l * r;
+      q = q - mh * lr * l * r;
     } else if (BR == 1) {
-      pi = pi - mh * lr;
+      q = q - mh * lr;
     }
-    p[i] = dc.after(pi);
+    p[i] = dc.end(pi, q);
   }
 }
 

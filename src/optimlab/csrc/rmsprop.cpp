@@ -13,7 +13,6 @@ void rmsprop_range(T* __restrict p, const T* __restrict g, T* __restrict sq, T* 
   for (int64_t i = 0; i < n; i++) {
     T pi = p[i];
     T gi = dc.grad(g[i], pi);
-    pi = dc.before(pi);
     T vi = fma(c * gi, gi, sq[i] * alpha);                 // v.mul_(alpha).addcmul_(g, g, 1-alpha)
     sq[i] = vi;
     T avg;
@@ -25,14 +24,15 @@ void rmsprop_range(T* __restrict p, const T* __restrict g, T* __restrict sq, T* 
       avg = std::sqrt(vi);
     }
     avg = avg + eps;
+    T q = dc.begin(pi);
     if (MOM) {
       T bi = b[i] * mom + gi / avg;                        // b.mul_(mu).addcdiv_(g, avg)
       b[i] = bi;
-      pi = fma(neg_lr, bi, pi);                            // p.add_(b, alpha=-lr)
+      q = fma(neg_lr, bi, q);                              // q.add_(b, alpha=-lr)
     } else {
-      pi = pi + neg_lr * gi / avg;                         // p.addcdiv_(g, avg, -lr)
+      q = q + neg_lr * gi / avg;                           // q.addcdiv_(g, avg, -lr)
     }
-    p[i] = dc.after(pi);
+    p[i] = dc.end(pi, q);
   }
 }
 

@@ -14,15 +14,14 @@ void sgd_range(T* __restrict p, const T* __restrict g, T* __restrict b, int64_t 
   for (int64_t i = 0; i < n; i++) {
     T pi = p[i];
     T gi = dc.grad(g[i], pi);
-    pi = dc.before(pi);
     T d = gi;
     if (MOM) {
       T bi = first != 0 ? gi : fma(one_minus_damp, gi, b[i] * mom);  // b.mul_(mu).add_(g, 1-tau)
       b[i] = bi;
       d = nesterov != 0 ? fma(mom, bi, gi) : bi;                 // g.add(b, alpha=mu) or b
     }
-    pi = fma(neg_lr, d, pi);                                     // p.add_(d, alpha=-lr)
-    p[i] = dc.after(pi);
+    T q = fma(neg_lr, d, dc.begin(pi));                          // q.add_(d, alpha=-lr)
+    p[i] = dc.end(pi, q);
   }
 }
 
