@@ -110,7 +110,7 @@ from ._common import NONFINITE_POLICIES
 from ._optimizer import Optimizer as _OptimlabOptimizer
 from ._common import all_finite, check_choice, check_range, report_nonfinite
 
-__all__ = ["SAM", "accumulate_and_step", "sam_grad_norm", "sam_perturbation",
+__all__ = ["SAM", "accumulate_and_step", "find_sam", "sam_grad_norm", "sam_perturbation",
            "PERTURBATIONS", "ASAM_ETA"]
 
 PERTURBATIONS = ("global", "local")
@@ -214,6 +214,7 @@ class SAM(torch.optim.Optimizer):
         self.process_group = process_group
         self.skipped_steps = 0
         self._saved_w: dict[torch.Tensor, torch.Tensor] | None = None   # between the steps
+        self._first_skipped = False       # the last first_step() skipped its update
         self._w_buffers: dict[torch.Tensor, torch.Tensor] = {}   # where first_step saves w
         sam_defaults = dict(rho=rho, adaptive=bool(adaptive), eta=eta)
         self._check_group(sam_defaults)
@@ -324,7 +325,9 @@ class SAM(torch.optim.Optimizer):
                 self._nonfinite("first-pass gradient norm")
                 if zero_grad:
                     self.zero_grad()
+                self._first_skipped = True
                 return False
+        self._first_skipped = False
         saved = {}
         n = None
         # (a DTensor is saved and perturbed on its local shard)
@@ -402,13 +405,24 @@ class SAM(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None):
         """One SAM update.  ``closure`` must zero the gradients, run the forward and backward
         pass and return the loss; it is called at w and again at w + e(w).  Returns the first
-        (unperturbed) loss."""
+        (unperturbed) loss.
+
+        Without a closure, after ``first_step()`` and the second backward: ``second_step()``,
+        for loops that call ``step()`` once per update after their own backward passes (the
+        Hugging Face Trainer, accelerate: `optimlab.integrations`); after a ``first_step()``
+        that skipped the update (non-finite gradient), nothing."""
         if closure is None:
+            if self._saved_w is not None:
+                self.second_step()
+                return None
+            if self._first_skipped:
+                self._first_skipped = False
+                return None
             raise RuntimeError(
                 "SAM.step() needs a closure (zero_grad + forward + backward, returning the loss); "
                 "it is called twice, at w and at w + e(w).  Without a closure, call "
-                "first_step() and second_step() around your own second forward/backward, or use "
-                "optimlab.accumulate_and_step")
+                "first_step() and second_step() (or step()) around your own second "
+                "forward/backward, or use optimlab.accumulate_and_step")
         closure = torch.enable_grad()(closure)
         loss = closure()
         if self.first_step(zero_grad=True):
@@ -576,6 +590,17 @@ def _sync_found_inf(scaler, optimizer, group) -> None:
         torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX, group=group)
 
 
+def find_sam(optimizer: Any) -> "SAM | None":
+    """The `SAM` in ``optimizer``, or None: itself, or the one a trainer's wrapper holds as
+    ``.optimizer`` (accelerate's ``AcceleratedOptimizer``, Lightning's
+    ``LightningOptimizer``)."""
+    for _ in range(8):                       # wrappers of wrappers, never a cycle
+        if optimizer is None or isinstance(optimizer, SAM):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
+
+
 def accumulate_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         micro_batches: Sequence[Any],
                         loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor], *,
@@ -592,7 +617,9 @@ def accumulate_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer
 
     With a `SAM` optimizer both passes run over *all* micro-batches (not just the last: seed
     004's bug): pass 1 at w, ``first_step``, pass 2 at w + e(w), clipping, ``second_step``.
-    With any other optimizer: one pass, clipping, ``step``.  Gradients are zeroed first.
+    With any other optimizer: one pass, clipping, ``step``.  Gradients are zeroed first.  A
+    SAM inside a trainer's wrapper (accelerate's ``AcceleratedOptimizer``: `find_sam`) is
+    driven directly.
 
     Args:
         max_grad_norm: clip the gradient the optimizer applies (SAM: the second-pass gradient)
@@ -633,6 +660,7 @@ def accumulate_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer
     if max_grad_norm is not None:
         check_range("max_grad_norm", max_grad_norm, 0.0, low_open=True)
     local_total = sum(sizes)
+    optimizer = find_sam(optimizer) or optimizer
     is_sam = isinstance(optimizer, SAM)
     local = is_sam and optimizer.perturbation == "local"
     dp = _data_parallel(model)
