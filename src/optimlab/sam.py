@@ -592,10 +592,12 @@ def _sync_found_inf(scaler, optimizer, group) -> None:
 
 def find_sam(optimizer: Any) -> "SAM | None":
     """The `SAM` in ``optimizer``, or None: itself, or the one a trainer's wrapper holds as
-    ``.optimizer`` (accelerate's ``AcceleratedOptimizer``, Lightning's
-    ``LightningOptimizer``)."""
+    ``.optimizer`` (accelerate's ``AcceleratedOptimizer``; Lightning's ``LightningOptimizer``,
+    which passes ``isinstance(w, SAM)`` without holding SAM's state)."""
     for _ in range(8):                       # wrappers of wrappers, never a cycle
-        if optimizer is None or isinstance(optimizer, SAM):
+        if optimizer is None:
+            return None
+        if isinstance(optimizer, SAM) and "base_optimizer" in vars(optimizer):
             return optimizer
         optimizer = getattr(optimizer, "optimizer", None)
     return None
