@@ -333,6 +333,23 @@ def test_factored_memory_is_rows_plus_columns():
     assert tuple(with_m.state[p]["exp_avg"].shape) == (n, m)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_unfactored_with_a_fixed_beta2_is_adam_without_momentum(impl):
+    """``factored=False``, ``beta2``, no first moment, no clipping, a fixed step: the paper's
+    section 7.1 identity, beta2_t = beta2 (1 - beta2^(t-1)) / (1 - beta2^t) makes V^_t Adam's
+    bias-corrected v_t, so this is torch.optim.Adam with betas (0, beta2) and eps 0 (eps1 =
+    1e-30 inside the root instead): 1e-12 in float64, 20 steps, on every path."""
+    kw = dict(lr=1e-2, eps=(1e-30, 1e-3), clip_threshold=math.inf, beta2=0.999,
+              factored=False, relative_step=False, scale_parameter=False)
+    pa, oa, pb, _ = run_lockstep(lambda p: optimlab.Adafactor(p, impl=impl, **kw),
+                                 lambda p: torch.optim.Adam(p, lr=1e-2, betas=(0.0, 0.999),
+                                                            eps=0.0),
+                                 dtype=torch.float64, steps=20)
+    assert max_param_diff(pa, pb) <= 1e-12
+    assert all(set(oa.state[p]) == {"step", "exp_avg_sq"} for p in pa)
+    assert sum(oa.state[p]["exp_avg_sq"].numel() for p in pa) == sum(p.numel() for p in pa)
+
+
 def test_state_dict_round_trip_continues_identically():
     params = make_params(dtype=torch.float64)
     twin = clone_params(params)
@@ -399,6 +416,8 @@ BAD = [
     (dict(decay_rate=0.5), "decay_rate"),
     (dict(beta1=1.0), "beta1"),
     (dict(beta1=-0.1), "beta1"),
+    (dict(beta2=1.0), "beta2"),
+    (dict(beta2=-0.5), "beta2"),
     (dict(weight_decay=-1e-2), "weight_decay"),
     (dict(wd_mode="adamw"), "wd_mode"),
     (dict(eps1_placement="sqrt"), "eps1_placement"),

@@ -97,6 +97,8 @@ CASES = [
     ("radam-rho4-nosgd-max", lambda p, **k: A.RAdam(p, lr=1e-2, rho_threshold=4.0,
                                                     degenerate_to_sgd=False, maximize=True, **k)),
     ("adafactor", lambda p, **k: A.Adafactor(p, **k)),
+    ("adafactor-unfactored-beta2", lambda p, **k: A.Adafactor(p, beta1=0.9, beta2=0.999,
+                                                              factored=False, **k)),
     ("adafactor-fold-alpha", lambda p, **k: A.Adafactor(p, beta1=0.9, weight_decay=0.1,
                                                         decay_scale="alpha", wd_form="fold", **k)),
     ("adafactor-clamp-fold-after", lambda p, **k: A.Adafactor(

@@ -1,7 +1,7 @@
 """``optimlab lab``: every experiment's --quick mode produces its files, its report's numbers
 are the cached cells' numbers, a rerun skips finished cells, and bad input is one line.
 
-The six quick runs share one directory (and so one cache of MiniLM features) per session;
+The quick runs share one directory (and so one cache of MiniLM features) per session;
 together they take about a minute and a half on two cores.  What is checked is that the files
 exist and the numbers are the run's, never that a claim of the seeds holds.
 """
@@ -15,12 +15,13 @@ import pytest
 
 from optimlab.cli import main
 from optimlab.lab import EXPERIMENTS, LabOptions, run_experiment
-from optimlab.lab import wd_heatmap, wd_transfer
+from optimlab.lab import adafactor_ablation, wd_heatmap, wd_transfer
 from optimlab.lab._core import fmt, mean, parse_grid, std
 
 PNGS = {"wd-heatmap": ["heatmaps.png"], "warmup-variance": ["warmup.png"],
         "memory": ["memory.png"], "epsilon": ["drift.png"], "sam-accumulation": ["sam.png"],
-        "compare": ["compare.png"], "wd-transfer": ["wd-transfer.png"]}
+        "compare": ["compare.png"], "wd-transfer": ["wd-transfer.png"],
+        "adafactor-ablation": ["adafactor-ablation.png"]}
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +110,48 @@ def test_warmup_numbers_are_the_cells(runs, base):
         assert f"| {method} | {fmt(first)} |" in report
     adam = [r for p, r in found if p["method"] == "adam"]
     assert f"{mean([r['var_log_adaptive_lr'][0] for r in adam]):.3f} at update 1" in conclusion
+
+
+def test_adafactor_ablation_numbers_are_the_cells(runs, base):
+    """The table's final losses and spikes are recomputed from the cells; the state bytes are
+    the configurations' (Adam 8 per parameter, unfactored without momentum 4, factored far
+    less); the verdict counts the parts that held."""
+    lab, conclusion = runs("adafactor-ablation")
+    found = cells(base / "adafactor-ablation")
+    report = (base / "adafactor-ablation" / "report.md").read_text()
+    for config in adafactor_ablation.CONFIGS:
+        rs = [r for p, r in found if p["config"] == config]
+        final = mean([mean(r["losses"][-max(1, len(r["losses"]) // 10):]) for r in rs])
+        spike = max(adafactor_ablation.worst_spike(r["losses"]) for r in rs)
+        assert f"| {config} | {fmt(final)} +- " in report
+        assert f"worst spike {spike:.2f} nats" in conclusion
+    bytes_of = {p["config"]: r["state_bytes_per_param"] for p, r in found}
+    assert bytes_of["adam-b1=0.9+warmup"] == 8.0 and bytes_of["+clip"] == 4.0
+    assert bytes_of["+clip+decay+factored"] < 1.0
+    held = sum(json.loads((base / "adafactor-ablation" / "results.json").read_text())
+               ["numbers"]["verdicts"].values())
+    assert conclusion.startswith("Confirmed" if held == 5 else "Not confirmed" if held == 0
+                                 else f"Partly confirmed ({held} of 5)")
+
+
+def test_adafactor_ablation_verdict_follows_the_numbers():
+    """A spike that a fix halves counts as stabilized; a flat curve has no spike."""
+    assert adafactor_ablation.worst_spike([5.0 - 0.1 * t for t in range(40)]) == 0.0
+    bumpy = [5.0 - 0.01 * t for t in range(20)] + [6.0] * 10 + [4.5] * 10
+    # (averaged over 3 updates: the minimum before the jump is mean(4.83, 4.82, 4.81))
+    assert adafactor_ablation.worst_spike(bumpy) == pytest.approx(6.0 - 4.82, abs=1e-9)
+    one_batch = [5.0] * 10 + [8.0] + [5.0] * 10           # one bad batch: a third of it
+    assert adafactor_ablation.worst_spike(one_batch) == pytest.approx(1.0)
+
+    def summary(spike, unstable, final=4.0):
+        return {"worst_spike": spike, "unstable_seeds": unstable, "final_loss": final}
+    s = {"adam-b1=0.9+warmup": summary(0.1, 0), "adam-b1=0": summary(1.5, 2),
+         "+clip": summary(0.2, 0), "+decay": summary(1.4, 2), "+clip+decay+factored":
+         summary(0.2, 0, 4.05), "adafactor-relative": summary(0.0, 0, 5.0)}
+    v = list(adafactor_ablation.judge(s).values())
+    assert v == [True, True, False, True, False]
+    s["+clip+decay+factored"] = summary(0.8, 1, 4.0)        # as good, but one seed spiked
+    assert list(adafactor_ablation.judge(s).values())[3] is False
 
 
 def test_memory_counts_bytes_exactly(runs, base):

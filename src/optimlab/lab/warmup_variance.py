@@ -29,8 +29,8 @@ import torch
 
 from ..adam import Adam
 from ..radam import RAdam
-from ._core import Cell, Lab, fmt, how_measured, mean, std
-from ._data import fit, lm_corpus, lm_loss, tiny_lm
+from ._core import Cell, fmt, how_measured, mean, std
+from ._data import UpdateSizes, fit, lm_experiment, lm_loss, tiny_lm
 from ._plot import plt, save
 
 NAME = "warmup-variance"
@@ -45,15 +45,7 @@ FULL = dict(sentences=3000, max_vocab=2000, epochs=4, batch_size=32, lr=1e-2, wa
 
 
 def run(opts):
-    cfg = dict(QUICK if opts.quick else FULL)
-    if opts.seeds is not None:
-        cfg["seeds"] = opts.seeds
-    cfg.update(quick=opts.quick, betas=[0.9, 0.999], eps=1e-8,
-               model="GPT-2 (optimlab.models.gpt2), random init, tied LM head, no dropout",
-               data="SST-5 train sentences, MiniLM tokenizer, vocabulary cut to occurring ids")
-    lab = Lab(NAME, opts.out, cfg, progress=opts.progress,
-              grid_keys=("seeds",))
-    corpus = lm_corpus(cfg["sentences"], max_vocab=cfg["max_vocab"])
+    cfg, lab, corpus = lm_experiment(NAME, opts, QUICK, FULL, betas=[0.9, 0.999], eps=1e-8)
     ids = corpus["ids"]
 
     def compute(p: dict) -> dict:
@@ -64,13 +56,10 @@ def run(opts):
         opt = RAdam(model.parameters(), **kw) if p["method"] == "radam" else \
             Adam(model.parameters(), **kw)
         matrices = [q for q in model.parameters() if q.ndim == 2]
-        var_log_l, rel_update = [], []
-        prev = [torch.cat([q.detach().flatten() for q in model.parameters()])]
+        var_log_l, rel_update = [], UpdateSizes(model)
 
         def track(t, loss):
-            now = torch.cat([q.detach().flatten() for q in model.parameters()])
-            rel_update.append(((now - prev[0]).norm() / prev[0].norm()).item())
-            prev[0] = now
+            rel_update()
             if t < cfg["track_steps"]:
                 with torch.no_grad():
                     logs = []
@@ -84,7 +73,7 @@ def run(opts):
                   warmup=cfg["warmup"] if p["method"] == "adam+warmup" else 0.0,
                   after_step=track)
         return {"losses": res.step_losses, "diverged": res.diverged,
-                "var_log_adaptive_lr": var_log_l, "rel_update": rel_update}
+                "var_log_adaptive_lr": var_log_l, "rel_update": rel_update.values}
 
     seeds = list(range(cfg["seeds"]))
     cells = [Cell(f"{m}-s{s}", {"method": m, "seed": s}) for m in METHODS for s in seeds]
