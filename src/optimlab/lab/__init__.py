@@ -9,7 +9,7 @@ sentence features are cached next to the reports (``reports/.cache/``), shared b
 
 ======================  ====================================================================
 ``wd-heatmap``          AdamW lr x weight decay, lr-coupled vs independent decay
-``warmup-variance``     Adam without / with warmup vs RAdam from scratch; adaptive-lr variance
+``warmup-variance``     Adam without / with warmup vs RAdam, Adam-2k, Adam-eps; adaptive-lr variance
 ``memory``              optimizer-state bytes (GPT-2 small, MiniLM) and dev accuracy per optimizer
 ``epsilon``             eps on sqrt(v) (TensorFlow) vs sqrt(v_hat) (PyTorch): drift over steps
 ``sam-accumulation``    SAM with seed 004's naive accumulation vs the correct helper vs AdamW

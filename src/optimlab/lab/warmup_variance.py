@@ -1,24 +1,31 @@
-"""``optimlab lab warmup-variance``: Adam without warmup, Adam with linear warmup, and RAdam,
-trained from scratch.
+"""``optimlab lab warmup-variance``: Adam without warmup, Adam with linear warmup, RAdam, and the
+RAdam paper's two other variance-reduction baselines, trained from scratch.
 
 Seed 002/003 (RAdam): in the first steps v_t is an average of very few squared gradients, so the
 adaptive learning rate l_t = 1 / (sqrt(v_hat_t) + eps) has a large variance (unbounded at t = 1,
 Liu et al. 2020, section 3); Adam's first updates are then large and erratic, which is why
 transformers need warmup.  RAdam multiplies by the rectifier r_t (and takes plain momentum steps
-while the variance is intractable) instead of a hand-set warmup.
+while the variance is intractable) instead of a hand-set warmup.  The RAdam paper backs the
+variance explanation with two more baselines (seed 003): Adam-2k (for the first 2k updates only
+v is updated, with neither a parameter nor a momentum update, so that v has many samples before
+it is used) and Adam-eps (a large eps, 1e-4, which bounds l_t); both should tame the first
+updates as warmup does.
 
-What is measured.  A small GPT-2 (optimlab.models.gpt2: random init, no dropout) trained from
+What is measured. A small GPT-2 (optimlab.models.gpt2: random init, no dropout) trained from
 scratch as a language model on SST-5 sentences (MiniLM's tokenizer, the vocabulary cut to the
 tokens that occur), with the same peak lr, betas (0.9, 0.999), batches and linear decay for:
-``adam`` (no warmup), ``adam+warmup`` (linear warmup over the first part of the updates) and
-``radam`` (no warmup), several seeds (the vocabulary is cut to the most frequent ids, the
-rest one unknown id, to keep the softmax affordable on a CPU).  Per update: the training loss; the spread of the adaptive
-lr across the coordinates of the weight matrices, Var[log10 l_t] with l_t = 1 / (sqrt(v_hat_t) +
+``adam`` (no warmup), ``adam+warmup`` (linear warmup over the first part of the updates),
+``radam`` (no warmup), ``adam-2k`` (the first updates, as many as the warmup's, update v only:
+the lr is 0 for them and m is reset to 0 after each; the step count runs on, so v's bias
+correction counts them, and m starts from 0 after them) and ``adam-eps`` (eps 1e-4, no warmup),
+several seeds (the vocabulary is cut to the most frequent ids, the rest one unknown id, to keep
+the softmax affordable on a CPU). Per update: the training loss; the spread of the adaptive lr
+across the coordinates of the weight matrices, Var[log10 l_t] with l_t = 1 / (sqrt(v_hat_t) +
 eps) (the quantity whose early variance the RAdam paper blames); and the relative size of the
-update ||theta_t - theta_{t-1}|| / ||theta_{t-1}||.  A run *diverged* if its loss became
+update ||theta_t - theta_{t-1}|| / ||theta_{t-1}||. A run *diverged* if its loss became
 non-finite or ended above its start; it *lagged* if its mean loss over the first quarter of the
 updates is more than 2% above the best method's; it *spiked* if its loss later rose above its
-value at the first update.
+value at the first update (Adam-2k: at its first update that moves the weights).
 """
 
 from __future__ import annotations
@@ -28,14 +35,18 @@ import math
 import torch
 
 from ..adam import Adam
+from ..loop import updates_per_epoch, warmup_updates
 from ..radam import RAdam
+from ..sam import accumulate_and_step
 from ._core import Cell, fmt, how_measured, mean, std
 from ._data import UpdateSizes, fit, lm_experiment, lm_loss, tiny_lm
 from ._plot import plt, save
 
 NAME = "warmup-variance"
-SUMMARY = "Adam without/with warmup vs RAdam from scratch: loss curves, adaptive-lr variance"
-METHODS = ("adam", "adam+warmup", "radam")
+SUMMARY = ("Adam without/with warmup vs RAdam, Adam-2k and Adam-eps from scratch: loss curves, "
+           "adaptive-lr variance")
+METHODS = ("adam", "adam+warmup", "radam", "adam-2k", "adam-eps")
+BIG_EPS = 1e-4          # Adam-eps (Liu et al. 2020)
 LAG = 0.02
 
 QUICK = dict(sentences=320, max_vocab=1000, epochs=4, batch_size=32, lr=3e-3, warmup=0.25,
@@ -52,9 +63,14 @@ def run(opts):
         torch.manual_seed(p["seed"])
         model = tiny_lm(corpus["vocab_size"], p["seed"], n_embd=cfg["n_embd"],
                         n_layer=cfg["n_layer"], n_head=cfg["n_head"])
-        kw = dict(lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"])
+        eps = BIG_EPS if p["method"] == "adam-eps" else cfg["eps"]
+        kw = dict(lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=eps)
         opt = RAdam(model.parameters(), **kw) if p["method"] == "radam" else \
             Adam(model.parameters(), **kw)
+        warmup = warmup_updates(cfg["warmup"], cfg["epochs"] *
+                                updates_per_epoch(len(ids), cfg["batch_size"]))
+        n_frozen = warmup if p["method"] == "adam-2k" else 0
+        frozen = [n_frozen]
         matrices = [q for q in model.parameters() if q.ndim == 2]
         var_log_l, rel_update = [], UpdateSizes(model)
 
@@ -66,14 +82,28 @@ def run(opts):
                     for q in matrices:
                         st = opt.state[q]
                         vhat = st["exp_avg_sq"] / (1 - cfg["betas"][1] ** st["step"])
-                        logs.append(torch.log10(1.0 / (vhat.sqrt() + cfg["eps"])).flatten())
+                        logs.append(torch.log10(1.0 / (vhat.sqrt() + eps)).flatten())
                     var_log_l.append(torch.cat(logs).var().item())
+        def step(model, opt, micro):
+            if frozen[0] == 0:
+                return accumulate_and_step(model, opt, micro, lm_loss)
+            frozen[0] -= 1                 # Adam-2k: v only (lr 0, m back to 0)
+            lrs = [g["lr"] for g in opt.param_groups]
+            for g in opt.param_groups:
+                g["lr"] = 0.0
+            loss = accumulate_and_step(model, opt, micro, lm_loss)
+            for g, lr in zip(opt.param_groups, lrs):
+                g["lr"] = lr
+            for st in opt.state.values():
+                st["exp_avg"].zero_()
+            return loss
         res = fit(model, opt, lambda idx: ids[idx], len(ids), epochs=cfg["epochs"],
                   batch_size=cfg["batch_size"], seed=p["seed"], loss_fn=lm_loss,
                   warmup=cfg["warmup"] if p["method"] == "adam+warmup" else 0.0,
-                  after_step=track)
+                  after_step=track, step=step)
         return {"losses": res.step_losses, "diverged": res.diverged,
-                "var_log_adaptive_lr": var_log_l, "rel_update": rel_update.values}
+                "var_log_adaptive_lr": var_log_l, "rel_update": rel_update.values,
+                "frozen_updates": n_frozen}
 
     seeds = list(range(cfg["seeds"]))
     cells = [Cell(f"{m}-s{s}", {"method": m, "seed": s}) for m in METHODS for s in seeds]
@@ -96,7 +126,8 @@ def run(opts):
         title="Warmup, RAdam and the variance of Adam's adaptive learning rate",
         claim="the adaptive learning rate has a large variance in the first steps; without "
               "warmup Adam's early updates are too large and training diverges or lags, and "
-              "RAdam's rectification removes the need for warmup (seeds 002, 003).",
+              "RAdam's rectification removes the need for warmup; reducing the variance "
+              "otherwise (Adam-2k, Adam-eps) tames the first updates too (seeds 002, 003).",
         conclusion=conclusion, how=how_measured(__doc__),
         sections=["### Per method (mean +- std over seeds)", "", "\n".join(rows)],
         figures=[(fig.name, "Training loss (mean and min-max over seeds), spread of the "
@@ -116,7 +147,9 @@ def analyse(runs: dict) -> dict:
                   or mean(r["losses"][-tail:]) > r["losses"][0])
         v = [r["var_log_adaptive_lr"] for r in rs]
         k = min(len(x) for x in v)
-        spikes = [max(r["losses"][1:], default=float("-inf")) - r["losses"][0] for r in rs]
+        # (from Adam-2k's first moving update: before it the loss only varies with the batch)
+        spikes = [max(r["losses"][f + 1:], default=float("-inf")) - r["losses"][f]
+                  for r in rs for f in [r.get("frozen_updates", 0)]]
         out[m] = {"first_loss": mean([r["losses"][0] for r in rs]), "early_loss": mean(early),
                   "spiked_seeds": sum(1 for x in spikes if x > 0),
                   "worst_spike": max(spikes),
@@ -153,7 +186,14 @@ def conclude(cfg: dict, s: dict) -> str:
                         f"{s[m]['worst_spike']:.2f} nats)" for m in spiked)
               if spiked else "none") + ". ")
     best_final = min(METHODS, key=lambda m: s[m]["final_loss"])
-    text += f"Lowest final loss: {best_final}."
+    text += f"Lowest final loss: {best_final}. "
+    tamed = [m for m in ("adam-2k", "adam-eps")
+             if s[m]["max_rel_update"] < a["max_rel_update"] / 2 and not s[m]["spiked_seeds"]]
+    text += ("The RAdam paper's variance-reduction baselines: largest relative update adam-2k "
+             f"{s['adam-2k']['max_rel_update']:.2e}, adam-eps "
+             f"{s['adam-eps']['max_rel_update']:.2e} (adam {a['max_rel_update']:.2e}); "
+             "at most half of Adam's and no spike: " + (", ".join(tamed) if tamed else "none")
+             + ".")
     if not diverged and "adam" not in lagged:
         text += (f" At lr {cfg['lr']:g} Adam without warmup neither diverged nor lagged "
                  f"here" + (", but its loss spiked early" if "adam" in spiked else
@@ -163,7 +203,8 @@ def conclude(cfg: dict, s: dict) -> str:
 
 def plot(cfg: dict, runs: dict, path):
     import numpy as np
-    colors = {"adam": "tab:red", "adam+warmup": "tab:blue", "radam": "tab:green"}
+    colors = {"adam": "tab:red", "adam+warmup": "tab:blue", "radam": "tab:green",
+              "adam-2k": "tab:orange", "adam-eps": "tab:purple"}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     for m, rs in runs.items():
         n = min(len(r["losses"]) for r in rs)
