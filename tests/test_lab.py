@@ -21,7 +21,8 @@ from optimlab.lab._core import fmt, mean, parse_grid, std
 PNGS = {"wd-heatmap": ["heatmaps.png"], "warmup-variance": ["warmup.png"],
         "memory": ["memory.png"], "epsilon": ["drift.png"], "sam-accumulation": ["sam.png"],
         "compare": ["compare.png"], "wd-transfer": ["wd-transfer.png"],
-        "adafactor-ablation": ["adafactor-ablation.png"]}
+        "adafactor-ablation": ["adafactor-ablation.png"],
+        "bias-correction": ["bias-correction.png"]}
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +153,24 @@ def test_adafactor_ablation_verdict_follows_the_numbers():
     assert v == [True, True, False, True, False]
     s["+clip+decay+factored"] = summary(0.8, 1, 4.0)        # as good, but one seed spiked
     assert list(adafactor_ablation.judge(s).values())[3] is False
+
+
+def test_bias_correction_numbers_are_the_cells(runs, base):
+    """Each row's mean accuracy and failed runs are the cells'; the two settings ran the same
+    seeds on the same data and differ (the correction changes the updates)."""
+    lab, conclusion = runs("bias-correction")
+    found = cells(base / "bias-correction")
+    results = json.loads((base / "bias-correction" / "results.json").read_text())
+    majority = results["numbers"]["majority"]
+    report = (base / "bias-correction" / "report.md").read_text()
+    for setting in ("corrected", "uncorrected"):
+        accs = [r["dev_acc"] for p, r in found if p["setting"] == setting]
+        failed = sum(a <= majority + 0.02 for a in accs)
+        assert f"| 48 | {setting} | {fmt(mean(accs))} +- {fmt(std(accs))} | {failed}/2 |" \
+            in report
+    by = {(p["setting"], p["seed"]): r["losses"] for p, r in found}
+    assert by[("corrected", 0)][0] == pytest.approx(by[("uncorrected", 0)][0])   # same start
+    assert by[("corrected", 0)][1:] != by[("uncorrected", 0)][1:]
 
 
 def test_memory_counts_bytes_exactly(runs, base):

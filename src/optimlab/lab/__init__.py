@@ -16,6 +16,7 @@ sentence features are cached next to the reports (``reports/.cache/``), shared b
 ``compare``             every optimizer on SST with its own lr search, several seeds
 ``wd-transfer``         the best weight decay across lr, data size and width, in four units
 ``adafactor-ablation``  Adafactor's ingredients added one at a time to Adam without momentum
+``bias-correction``     AdamW with vs without bias correction, MiniLM fine-tunes on small sets
 ======================  ====================================================================
 """
 
@@ -37,6 +38,7 @@ EXPERIMENTS = {
     "compare": "compare",
     "wd-transfer": "wd_transfer",
     "adafactor-ablation": "adafactor_ablation",
+    "bias-correction": "bias_correction",
 }
 
 

