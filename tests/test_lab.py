@@ -18,7 +18,7 @@ from optimlab.lab import EXPERIMENTS, LabOptions, run_experiment
 from optimlab.lab import adafactor_ablation, wd_heatmap, wd_transfer
 from optimlab.lab._core import fmt, mean, parse_grid, std
 
-PNGS = {"wd-heatmap": ["heatmaps.png"], "warmup-variance": ["warmup.png"],
+PNGS = {"wd-heatmap": ["heatmaps.png"], "warmup-variance": ["warmup.png", "untuned-warmup.png"],
         "memory": ["memory.png"], "epsilon": ["drift.png"], "sam-accumulation": ["sam.png"],
         "compare": ["compare.png"], "wd-transfer": ["wd-transfer.png"],
         "adafactor-ablation": ["adafactor-ablation.png"],
@@ -106,11 +106,21 @@ def test_warmup_numbers_are_the_cells(runs, base):
     lab, conclusion = runs("warmup-variance")
     found = cells(base / "warmup-variance")
     report = (base / "warmup-variance" / "report.md").read_text()
-    for method in ("adam", "adam+warmup", "radam"):
-        first = mean([r["losses"][0] for p, r in found if p["method"] == method])
-        assert f"| {method} | {fmt(first)} |" in report
-    adam = [r for p, r in found if p["method"] == "adam"]
+    main = [(p, r) for p, r in found if "beta2" not in p]
+    for method in ("adam", "adam+warmup", "radam", "adam-2k", "adam-eps"):
+        rs = [r for p, r in main if p["method"] == method]
+        first = mean([r["losses"][0] for r in rs])
+        early = mean([mean(r["losses"][:max(1, len(r["losses"]) // 4)]) for r in rs])
+        assert f"| {method} | {fmt(first)} | {fmt(early)} +- " in report
+    adam = [r for p, r in main if p["method"] == "adam"]
     assert f"{mean([r['var_log_adaptive_lr'][0] for r in adam]):.3f} at update 1" in conclusion
+    # Ma & Yarats' arm: its own cells (beta2 0.9 in the quick mode), its own sentence
+    arm = [(p, r) for p, r in found if p.get("beta2") == 0.9]
+    assert sorted({p["method"] for p, _ in arm}) == ["adam", "adam+untuned-warmup", "radam"]
+    final = mean([mean(r["losses"][-max(1, len(r["losses"]) // 10):]) for p, r in arm
+                  if p["method"] == "adam+untuned-warmup"])
+    assert f"Untuned warmup (Ma & Yarats) at beta2 = 0.9, 20 updates: final loss {final:.3f}" \
+        in conclusion
 
 
 def test_adafactor_ablation_numbers_are_the_cells(runs, base):

@@ -9,7 +9,8 @@ while the variance is intractable) instead of a hand-set warmup.  The RAdam pape
 variance explanation with two more baselines (seed 003): Adam-2k (for the first 2k updates only
 v is updated, with neither a parameter nor a momentum update, so that v has many samples before
 it is used) and Adam-eps (a large eps, 1e-4, which bounds l_t); both should tame the first
-updates as warmup does.
+updates as warmup does.  Ma & Yarats (2021) report that an untuned linear warmup over
+2 / (1 - beta2) updates does about as well as RAdam.
 
 What is measured. A small GPT-2 (optimlab.models.gpt2: random init, no dropout) trained from
 scratch as a language model on SST-5 sentences (MiniLM's tokenizer, the vocabulary cut to the
@@ -25,7 +26,12 @@ eps) (the quantity whose early variance the RAdam paper blames); and the relativ
 update ||theta_t - theta_{t-1}|| / ||theta_{t-1}||. A run *diverged* if its loss became
 non-finite or ended above its start; it *lagged* if its mean loss over the first quarter of the
 updates is more than 2% above the best method's; it *spiked* if its loss later rose above its
-value at the first update (Adam-2k: at its first update that moves the weights).
+value at the first update (Adam-2k: at its first update that moves the weights).  Ma & Yarats'
+rule gives 2,000 updates at beta2 = 0.999, more than the run, so their claim is tested in a
+second arm at beta2 = 0.98 (0.9 in the quick mode): ``adam``, ``radam`` and
+``adam+untuned-warmup`` (linear warmup over 2 / (1 - beta2) = 100 updates, 20 in the quick
+mode), the same seeds; confirmed where the untuned warmup's final loss is at most 3% above
+RAdam's.
 """
 
 from __future__ import annotations
@@ -47,6 +53,10 @@ SUMMARY = ("Adam without/with warmup vs RAdam, Adam-2k and Adam-eps from scratch
            "adaptive-lr variance")
 METHODS = ("adam", "adam+warmup", "radam", "adam-2k", "adam-eps")
 BIG_EPS = 1e-4          # Adam-eps (Liu et al. 2020)
+#: Ma & Yarats' arm: a beta2 whose untuned warmup, 2 / (1 - beta2) updates, fits in the run
+UNTUNED_BETA2 = {True: 0.9, False: 0.98}          # quick: 20 of 40 updates; full: 100 of 375
+UNTUNED = ("adam", "radam", "adam+untuned-warmup")
+CLOSE = 0.03
 LAG = 0.02
 
 QUICK = dict(sentences=320, max_vocab=1000, epochs=4, batch_size=32, lr=3e-3, warmup=0.25,
@@ -64,7 +74,8 @@ def run(opts):
         model = tiny_lm(corpus["vocab_size"], p["seed"], n_embd=cfg["n_embd"],
                         n_layer=cfg["n_layer"], n_head=cfg["n_head"])
         eps = BIG_EPS if p["method"] == "adam-eps" else cfg["eps"]
-        kw = dict(lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=eps)
+        beta2 = p.get("beta2", cfg["betas"][1])
+        kw = dict(lr=cfg["lr"], betas=(cfg["betas"][0], beta2), eps=eps)
         opt = RAdam(model.parameters(), **kw) if p["method"] == "radam" else \
             Adam(model.parameters(), **kw)
         warmup = warmup_updates(cfg["warmup"], cfg["epochs"] *
@@ -81,7 +92,7 @@ def run(opts):
                     logs = []
                     for q in matrices:
                         st = opt.state[q]
-                        vhat = st["exp_avg_sq"] / (1 - cfg["betas"][1] ** st["step"])
+                        vhat = st["exp_avg_sq"] / (1 - beta2 ** st["step"])
                         logs.append(torch.log10(1.0 / (vhat.sqrt() + eps)).flatten())
                     var_log_l.append(torch.cat(logs).var().item())
         def step(model, opt, micro):
@@ -97,31 +108,40 @@ def run(opts):
             for st in opt.state.values():
                 st["exp_avg"].zero_()
             return loss
+        warm = {"adam+warmup": cfg["warmup"],                  # a fraction of the updates
+                "adam+untuned-warmup": round(2 / (1 - beta2))}   # Ma & Yarats: 2/(1-beta2)
         res = fit(model, opt, lambda idx: ids[idx], len(ids), epochs=cfg["epochs"],
                   batch_size=cfg["batch_size"], seed=p["seed"], loss_fn=lm_loss,
-                  warmup=cfg["warmup"] if p["method"] == "adam+warmup" else 0.0,
-                  after_step=track, step=step)
+                  warmup=warm.get(p["method"], 0.0), after_step=track, step=step)
         return {"losses": res.step_losses, "diverged": res.diverged,
                 "var_log_adaptive_lr": var_log_l, "rel_update": rel_update.values,
                 "frozen_updates": n_frozen}
 
     seeds = list(range(cfg["seeds"]))
+    b2 = UNTUNED_BETA2[cfg["quick"]]
     cells = [Cell(f"{m}-s{s}", {"method": m, "seed": s}) for m in METHODS for s in seeds]
-    results = lab.run_cells(cells, compute)
+    arm = [Cell(f"b2-{b2}-{m}-s{s}", {"method": m, "seed": s, "beta2": b2})
+           for m in UNTUNED for s in seeds]
+    results = lab.run_cells(cells + arm, compute)
     runs = {m: [r for c, r in zip(cells, results) if c.params["method"] == m] for m in METHODS}
-    summary = analyse(runs)
+    arm_runs = {m: [r for c, r in zip(arm, results[len(cells):]) if c.params["method"] == m]
+                for m in UNTUNED}
+    summary, arm_summary = analyse(runs), analyse(arm_runs)
     fig = plot(cfg, runs, lab.figure_path("warmup.png"))
-    conclusion = conclude(cfg, summary)
-    rows = ["| method | loss at update 1 | mean loss, first quarter | final loss (last 10%) "
-            "| largest update / norm | diverged | lagged | spiked above update 1 |",
-            "|---|---|---|---|---|---|---|---|"]
-    for m in METHODS:
-        s = summary[m]
-        rows.append(f"| {m} | {fmt(s['first_loss'])} | {fmt(s['early_loss'])} +- "
-                    f"{fmt(s['early_loss_std'])} | {fmt(s['final_loss'])} +- "
-                    f"{fmt(s['final_loss_std'])} | {s['max_rel_update']:.3e} | "
-                    f"{s['diverged_seeds']}/{len(runs[m])} | {'yes' if s['lagged'] else 'no'} | "
-                    f"{s['spiked_seeds']}/{len(runs[m])} |")
+    fig2 = plot(cfg, arm_runs, lab.figure_path("untuned-warmup.png"), beta2=b2)
+    conclusion = conclude(cfg, summary) + " " + conclude_untuned(b2, arm_summary)
+
+    def table(summary, runs):
+        rows = ["| method | loss at update 1 | mean loss, first quarter | final loss (last 10%) "
+                "| largest update / norm | diverged | lagged | spiked above update 1 |",
+                "|---|---|---|---|---|---|---|---|"]
+        for m, s in summary.items():
+            rows.append(f"| {m} | {fmt(s['first_loss'])} | {fmt(s['early_loss'])} +- "
+                        f"{fmt(s['early_loss_std'])} | {fmt(s['final_loss'])} +- "
+                        f"{fmt(s['final_loss_std'])} | {s['max_rel_update']:.3e} | "
+                        f"{s['diverged_seeds']}/{len(runs[m])} | "
+                        f"{'yes' if s['lagged'] else 'no'} | {s['spiked_seeds']}/{len(runs[m])} |")
+        return "\n".join(rows)
     lab.write_report(
         title="Warmup, RAdam and the variance of Adam's adaptive learning rate",
         claim="the adaptive learning rate has a large variance in the first steps; without "
@@ -129,10 +149,14 @@ def run(opts):
               "RAdam's rectification removes the need for warmup; reducing the variance "
               "otherwise (Adam-2k, Adam-eps) tames the first updates too (seeds 002, 003).",
         conclusion=conclusion, how=how_measured(__doc__),
-        sections=["### Per method (mean +- std over seeds)", "", "\n".join(rows)],
+        sections=["### Per method (mean +- std over seeds)", "", table(summary, runs), "",
+                  f"### Ma & Yarats' untuned warmup, beta2 = {b2} (warmup over 2 / (1 - beta2) "
+                  f"= {round(2 / (1 - b2))} updates)", "", table(arm_summary, arm_runs)],
         figures=[(fig.name, "Training loss (mean and min-max over seeds), spread of the "
-                            "adaptive lr, and update size, per update")],
-        numbers={"summary": summary})
+                            "adaptive lr, and update size, per update"),
+                 (fig2.name, f"The same at beta2 = {b2}: Adam, RAdam and Adam with the untuned "
+                             f"warmup")],
+        numbers={"summary": summary, "untuned_warmup": {"beta2": b2, "summary": arm_summary}})
     return lab, conclusion
 
 
@@ -201,10 +225,25 @@ def conclude(cfg: dict, s: dict) -> str:
     return text
 
 
-def plot(cfg: dict, runs: dict, path):
+def conclude_untuned(beta2: float, s: dict) -> str:
+    """Ma & Yarats (2021): an untuned linear warmup over 2 / (1 - beta2) updates does about as
+    well as RAdam (here: a final loss at most 3% above RAdam's)."""
+    u, r = s["adam+untuned-warmup"], s["radam"]
+    close = u["final_loss"] <= (1 + CLOSE) * r["final_loss"]
+    return (f"Untuned warmup (Ma & Yarats) at beta2 = {beta2}, {round(2 / (1 - beta2))} "
+            f"updates: final loss {u['final_loss']:.3f} vs RAdam {r['final_loss']:.3f} and Adam "
+            f"without warmup {s['adam']['final_loss']:.3f}; largest relative update "
+            f"{u['max_rel_update']:.2e} (RAdam {r['max_rel_update']:.2e}, Adam "
+            f"{s['adam']['max_rel_update']:.2e}); " +
+            ("at least about as well as RAdam (at most 3% above): confirmed." if close else
+             "more than 3% above RAdam: not confirmed."))
+
+
+def plot(cfg: dict, runs: dict, path, beta2: float | None = None):
     import numpy as np
     colors = {"adam": "tab:red", "adam+warmup": "tab:blue", "radam": "tab:green",
-              "adam-2k": "tab:orange", "adam-eps": "tab:purple"}
+              "adam-2k": "tab:orange", "adam-eps": "tab:purple",
+              "adam+untuned-warmup": "tab:cyan"}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     for m, rs in runs.items():
         n = min(len(r["losses"]) for r in rs)
@@ -225,6 +264,11 @@ def plot(cfg: dict, runs: dict, path):
                 title="Relative size of each update")
     for ax in axes:
         ax.legend()
-    fig.suptitle(f"Small GPT-2 from scratch on SST sentences: lr {cfg['lr']:g}, warmup "
-                 f"{cfg['warmup']:g} of the updates (adam+warmup only), {cfg['seeds']} seeds")
+    if beta2 is None:
+        fig.suptitle(f"Small GPT-2 from scratch on SST sentences: lr {cfg['lr']:g}, warmup "
+                     f"{cfg['warmup']:g} of the updates (adam+warmup only), {cfg['seeds']} "
+                     f"seeds")
+    else:
+        fig.suptitle(f"The same at beta2 = {beta2:g}: untuned warmup over 2/(1-beta2) = "
+                     f"{round(2 / (1 - beta2))} updates, {cfg['seeds']} seeds")
     return save(fig, path)
