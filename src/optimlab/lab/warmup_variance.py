@@ -95,6 +95,7 @@ def run(opts):
                         vhat = st["exp_avg_sq"] / (1 - beta2 ** st["step"])
                         logs.append(torch.log10(1.0 / (vhat.sqrt() + eps)).flatten())
                     var_log_l.append(torch.cat(logs).var().item())
+
         def step(model, opt, micro):
             if frozen[0] == 0:
                 return accumulate_and_step(model, opt, micro, lm_loss)
