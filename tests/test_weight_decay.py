@@ -468,7 +468,7 @@ def _decay_applied(dtype, form, c, name="adamw", steps=1000, impl="auto"):
     """The decay the weights received over ``steps`` updates of zero gradients at shrink c per
     update, as a fraction of the intended (float64) amount."""
     g = torch.Generator().manual_seed(0)
-    w0 = torch.randn(20_000, generator=g).to(dtype)
+    w0 = torch.randn(5_000, generator=g).to(dtype)
     p = w0.clone().requires_grad_()
     opt = _make(name, [p], "absolute", impl, weight_decay=c, wd_form=form,
                 **COMPENSABLE.get(name, {}))
