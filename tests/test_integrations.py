@@ -1,7 +1,8 @@
-"""optimlab inside the Hugging Face Trainer (issue 17), for real, on a tiny BERT built from a
-config (no download): every optimizer resumes from a Trainer checkpoint to the weights of an
-uninterrupted run, and SAM in `SAMTrainer` equals `optimlab.accumulate_and_step` over the same
-micro-batches."""
+"""optimlab inside the Hugging Face Trainer and accelerate (issue 17), for real, on a tiny BERT
+built from a config (no download): every optimizer resumes from a Trainer checkpoint (or
+accelerate's save_state) to the weights of an uninterrupted run, and SAM in `SAMTrainer` (or
+`optimlab.accumulate_and_step` on accelerate's prepared objects) equals
+`optimlab.accumulate_and_step` over the same micro-batches."""
 
 from __future__ import annotations
 
