@@ -28,13 +28,23 @@ from typing import Any, Callable, Iterable, Sequence
 
 from .._run import atomic_write, environment
 
-__all__ = ["Lab", "Cell", "parse_grid", "fmt", "mean", "std", "how_measured"]
+__all__ = ["Lab", "Cell", "mode_config", "parse_grid", "fmt", "mean", "std", "how_measured"]
 
 
 def how_measured(doc: str) -> str:
     """The "What is measured." part of an experiment module's docstring, as one paragraph (the
     report's **How.**)."""
     return doc.split("What is measured.")[1].strip().replace("\n", " ")
+
+
+def mode_config(opts, quick: dict, full: dict) -> dict:
+    """An experiment's config: its ``quick`` or ``full`` options as ``opts.quick`` says,
+    ``--seeds`` overriding theirs, and ``quick`` itself."""
+    cfg = dict(quick if opts.quick else full)
+    if opts.seeds is not None:
+        cfg["seeds"] = opts.seeds
+    cfg["quick"] = opts.quick
+    return cfg
 
 
 @dataclass

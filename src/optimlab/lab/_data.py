@@ -243,11 +243,9 @@ def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
 def lm_experiment(name: str, opts, quick: dict, full: dict, **extra):
     """(config, `Lab`, corpus) of an experiment that trains `tiny_lm` from scratch: the mode's
     options (``--seeds`` overriding), ``extra`` and the model/data description in the config."""
-    from ._core import Lab
-    cfg = dict(quick if opts.quick else full)
-    if opts.seeds is not None:
-        cfg["seeds"] = opts.seeds
-    cfg.update(quick=opts.quick, **extra,
+    from ._core import Lab, mode_config
+    cfg = mode_config(opts, quick, full)
+    cfg.update(**extra,
                model="GPT-2 (optimlab.models.gpt2), random init, tied LM head, no dropout",
                data="SST-5 train sentences, MiniLM tokenizer, vocabulary cut to occurring ids")
     lab = Lab(name, opts.out, cfg, progress=opts.progress, grid_keys=("seeds",))

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from ..adam import AdamW
 from ..train import default_lr
-from ._core import Cell, Lab, fmt, how_measured, mean, std
+from ._core import Cell, Lab, fmt, how_measured, mean, mode_config, std
 from ._data import finetune_minilm, sst_token_sets
 from ._plot import plt, save
 
@@ -37,10 +37,8 @@ FULL = dict(sizes=[100, 300, 1000], n_dev=500, epochs=3, batch_size=16, seeds=3)
 
 
 def run(opts):
-    cfg = dict(QUICK if opts.quick else FULL)
-    if opts.seeds is not None:
-        cfg["seeds"] = opts.seeds
-    cfg.update(quick=opts.quick, lr=default_lr("adamw", "full-model"), weight_decay=0.01,
+    cfg = mode_config(opts, QUICK, FULL)
+    cfg.update(lr=default_lr("adamw", "full-model"), weight_decay=0.01,
                model="embedded MiniLM-L6, full model, mean pooling, dropout 0.1",
                optimizer="optimlab.AdamW (CS224N semantics), correct_bias True/False")
     lab = Lab(NAME, opts.out, cfg, progress=opts.progress, grid_keys=("seeds",))

@@ -18,7 +18,7 @@ import torch
 
 from ..registry import create_optimizer, list_optimizers, param_groups_weight_decay
 from ..train import default_lr
-from ._core import Cell, Lab, fmt, how_measured, mean, std
+from ._core import Cell, Lab, fmt, how_measured, mean, mode_config, std
 from ._data import FEATURE_MODEL, evaluate, fit, linear_head, sst_features
 from ._plot import plt, save
 
@@ -38,11 +38,9 @@ def build(name: str, model, lr: float, weight_decay: float = 0.01):
 
 
 def run(opts):
-    cfg = dict(QUICK if opts.quick else FULL)
-    if opts.seeds is not None:
-        cfg["seeds"] = opts.seeds
+    cfg = mode_config(opts, QUICK, FULL)
     names = list_optimizers()
-    cfg.update(quick=opts.quick, optimizers=names,
+    cfg.update(optimizers=names,
                base_lrs={o: default_lr(o, "last-linear-layer") for o in names},
                model=FEATURE_MODEL + " -> linear head", weight_decay=0.01,
                schedule="linear warmup 10%, linear decay, clip 1.0")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..adam import AdamW
-from ._core import Cell, Lab, fmt, how_measured, mean
+from ._core import Cell, Lab, fmt, how_measured, mean, mode_config
 from ._data import FEATURE_MODEL, evaluate, fit, linear_head, sst_features, xent
 from ._plot import plt, save
 
@@ -41,10 +41,8 @@ FULL = dict(n_train=None, n_dev=None, epochs=3, batch_size=32, lr=1e-3, seeds=3)
 
 
 def run(opts):
-    cfg = dict(QUICK if opts.quick else FULL)
-    if opts.seeds is not None:
-        cfg["seeds"] = opts.seeds
-    cfg.update(quick=opts.quick, epsilons=list(EPSILONS), loss_scales=list(SCALES), beta2=BETA2,
+    cfg = mode_config(opts, QUICK, FULL)
+    cfg.update(epsilons=list(EPSILONS), loss_scales=list(SCALES), beta2=BETA2,
                model=FEATURE_MODEL + " -> linear head",
                optimizer="optimlab.AdamW(weight_decay=0), linear decay to 0, no warmup")
     lab = Lab(NAME, opts.out, cfg, progress=opts.progress,

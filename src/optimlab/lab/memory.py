@@ -27,7 +27,7 @@ from ..adam import AdamW
 from ..registry import create_optimizer, param_groups_weight_decay
 from ..sgd import SGD
 from ..train import default_lr
-from ._core import Cell, Lab, fmt, how_measured, mean, std
+from ._core import Cell, Lab, fmt, how_measured, mean, mode_config, std
 from ._data import (FEATURE_MODEL, evaluate, finetune_minilm, fit, linear_head, sst_features,
                     sst_token_sets)
 from ._plot import plt, save
@@ -81,10 +81,8 @@ def _meta_models() -> dict:
 
 
 def run(opts):
-    cfg = dict(QUICK if opts.quick else FULL)
-    if opts.seeds is not None:
-        cfg["seeds"] = opts.seeds
-    cfg.update(quick=opts.quick, optimizers=list(OPTIMIZERS),
+    cfg = mode_config(opts, QUICK, FULL)
+    cfg.update(optimizers=list(OPTIMIZERS),
                lrs={o: default_lr(_REGISTRY_NAME[o], cfg["mode"]) for o in OPTIMIZERS},
                model=(FEATURE_MODEL + " -> linear head" if cfg["mode"] == "last-linear-layer"
                       else "embedded MiniLM-L6, full model, mean pooling, dropout 0.1"),

@@ -27,7 +27,7 @@ from ..adam import AdamW
 from ..registry import param_groups_weight_decay
 from ..sam import SAM, accumulate_and_step
 from ..train import _split
-from ._core import Cell, Lab, fmt, how_measured, mean, std
+from ._core import Cell, Lab, fmt, how_measured, mean, mode_config, std
 from ._data import FEATURE_MODEL, evaluate, fit, linear_head, sst_features, xent
 from ._plot import plt, save
 
@@ -63,10 +63,8 @@ def _flat(model) -> torch.Tensor:
 
 
 def run(opts):
-    cfg = dict(QUICK if opts.quick else FULL)
-    if opts.seeds is not None:
-        cfg["seeds"] = opts.seeds
-    cfg.update(quick=opts.quick, weight_decay=0.01,
+    cfg = mode_config(opts, QUICK, FULL)
+    cfg.update(weight_decay=0.01,
                model=FEATURE_MODEL + f" -> MLP head ({cfg['hidden']} hidden, GELU)",
                optimizer="optimlab.AdamW (CS224N defaults), SAM(AdamW) for sam/sam-naive; "
                          "linear decay, no warmup")
